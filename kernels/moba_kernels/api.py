@@ -1,0 +1,147 @@
+"""Public MoBA functions: argument checks, backend choice, layout handling."""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+
+from . import _checks
+from .gate import select_blocks
+from .layout import block_layout
+from .naive import naive_moba_attn
+
+
+class Backend:
+    """One way of computing MoBA attention.
+
+    ``attend(q, k, v, cu_seqlens, cu_list, chunk_size, topk, softmax_scale)``
+    returns the output; ``unsupported(q)`` returns None or the reason this
+    backend cannot serve ``q`` (dtype, head dim, device).
+    """
+
+    def __init__(self, name: str, attend: Callable, unsupported: Callable = lambda q: None,
+                 available: Callable = lambda device: True):
+        self.name, self.attend, self.unsupported, self.available = name, attend, unsupported, available
+
+
+def _reference(q, k, v, cu_seqlens, cu_list, chunk_size, topk, softmax_scale):
+    layout = block_layout(cu_list, chunk_size, q.device)
+    sel = select_blocks(q.detach(), k.detach(), layout, topk)
+    return naive_moba_attn(q, k, v, sel, layout, softmax_scale)
+
+
+def _torch(q, k, v, cu_seqlens, cu_list, chunk_size, topk, softmax_scale):
+    from . import ops   # registers the custom ops on first use
+    sel = ops.select_blocks_op(q.detach(), k.detach(), cu_seqlens, chunk_size, topk)
+    out, _ = ops.torch_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, sel,
+                              chunk_size, softmax_scale)
+    return out
+
+
+BACKENDS: Dict[str, Backend] = {
+    "reference": Backend("reference", _reference),
+    "torch": Backend("torch", _torch),
+}
+# Order in which backend=None tries them (fastest first); later issues prepend "triton".
+AUTO_ORDER = ["torch"]
+
+
+def available_backends(device: Optional[torch.device] = None) -> list:
+    """Names of the backends usable on ``device`` (default: the current CUDA device, else CPU)."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return [name for name, b in BACKENDS.items() if b.available(torch.device(device))]
+
+
+def _pick_backend(backend: Optional[str], q: torch.Tensor) -> Backend:
+    _checks.check_backend(backend, BACKENDS)
+    if backend is None:
+        for name in AUTO_ORDER:
+            b = BACKENDS[name]
+            if b.available(q.device) and b.unsupported(q) is None:
+                return b
+        raise ValueError("no MoBA backend supports these inputs")  # unreachable: torch serves all
+    b = BACKENDS[backend]
+    if not b.available(q.device):
+        raise ValueError(f"backend {backend!r} is not available on {q.device}; available: "
+                         f"{available_backends(q.device)}")
+    reason = b.unsupported(q)
+    if reason is not None:
+        raise ValueError(f"backend {backend!r} does not support these inputs ({reason}); "
+                         f"use backend='torch' (any dtype, any head_dim) or backend=None")
+    return b
+
+
+def moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, chunk_size, topk, softmax_scale=None, backend=None):
+    """MoBA attention over packed variable-length sequences (flash-attention's varlen layout).
+
+    Args:
+        q: ``[total_tokens, Hq, D]``.
+        k, v: ``[total_tokens, Hkv, D]``; ``Hq`` must be a multiple of ``Hkv`` (GQA/MQA).
+        cu_seqlens: int32 ``[num_seqs + 1]`` cumulative sequence lengths, starting at 0 and
+            ending at ``total_tokens``; zero-length sequences are allowed.
+        max_seqlen: int, at least the longest sequence.
+        chunk_size: key block size in tokens (>= 1); blocks restart at each sequence.
+        topk: blocks per query, its own block included (>= 1).  ``topk >= blocks`` is dense
+            causal attention, ``topk == 1`` is block-local causal attention.
+        softmax_scale: defaults to ``1 / sqrt(D)``.
+        backend: ``"reference"``, ``"torch"`` or ``None`` (fastest available).
+
+    Returns:
+        ``[total_tokens, Hq, D]`` in the dtype of ``q``.
+    """
+    _checks.check_qkv(q, k, v, token_dims=1)
+    cu_list = _checks.check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    chunk_size = _checks.check_int("chunk_size", chunk_size)
+    topk = _checks.check_int("topk", topk)
+    softmax_scale = _checks.check_softmax_scale(softmax_scale, q.shape[-1])
+    b = _pick_backend(backend, q)
+    if q.shape[0] == 0:
+        return q * 0
+    return b.attend(q, k, v, cu_seqlens, cu_list, chunk_size, topk, softmax_scale)
+
+
+def _batch_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
+    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+
+
+def moba_attn(q, k, v, chunk_size, topk, softmax_scale=None, backend=None):
+    """MoBA attention on equal-length sequences.
+
+    q: ``[batch, seqlen, Hq, D]``, k/v: ``[batch, seqlen, Hkv, D]`` -> ``[batch, seqlen, Hq, D]``.
+    Other arguments as in :func:`moba_attn_varlen`.
+    """
+    _checks.check_qkv(q, k, v, token_dims=2)
+    batch, seqlen = q.shape[:2]
+    cu = _batch_cu_seqlens(batch, seqlen, q.device)
+    out = moba_attn_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, seqlen,
+                           chunk_size, topk, softmax_scale, backend)
+    return out.view(q.shape)
+
+
+def moba_select_blocks(q, k, chunk_size, topk, cu_seqlens=None, max_seqlen=None):
+    """The key blocks MoBA's gate selects for every (token, query head).
+
+    Takes the varlen layout (q ``[total, Hq, D]`` with ``cu_seqlens``/``max_seqlen``) or the
+    batched one (q ``[batch, seqlen, Hq, D]``, no ``cu_seqlens``).  Returns int32
+    ``[..., Hq, topk]``: block indices within the token's own sequence, ascending, the
+    token's own block always last among the valid ones, ``-1`` where fewer than ``topk``
+    blocks exist up to the token.
+    """
+    batched = isinstance(q, torch.Tensor) and q.dim() == 4
+    if batched:
+        if cu_seqlens is not None:
+            raise ValueError("cu_seqlens is only for the varlen layout; q is 4-D [batch, seqlen, H, D]")
+        _checks.check_qkv(q, k, k, token_dims=2)
+        batch, seqlen = q.shape[:2]
+        cu_seqlens, max_seqlen = _batch_cu_seqlens(batch, seqlen, q.device), seqlen
+        q, k = q.flatten(0, 1), k.flatten(0, 1)
+    else:
+        _checks.check_qkv(q, k, k, token_dims=1)
+        if cu_seqlens is None:
+            raise ValueError("cu_seqlens is required for 3-D q [total_tokens, H, D]")
+    cu_list = _checks.check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    chunk_size = _checks.check_int("chunk_size", chunk_size)
+    topk = _checks.check_int("topk", topk)
+    sel = select_blocks(q.detach(), k.detach(), block_layout(cu_list, chunk_size, q.device), topk)
+    return sel.view(batch, seqlen, *sel.shape[1:]) if batched else sel
