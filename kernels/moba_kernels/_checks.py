@@ -67,8 +67,8 @@ def check_qkv(q, k, v, token_dims: int) -> None:
         )
 
 
-def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int, device: torch.device) -> List[int]:
-    """Validate flash-attention style ``cu_seqlens`` and return it as a host list."""
+def check_cu_seqlens(cu_seqlens, max_seqlen, device: torch.device) -> None:
+    """Static checks of flash-attention style ``cu_seqlens`` (no host sync)."""
     if not isinstance(cu_seqlens, torch.Tensor):
         raise TypeError(f"cu_seqlens must be a torch.Tensor, got {type(cu_seqlens).__name__}")
     if cu_seqlens.dtype != torch.int32:
@@ -77,6 +77,12 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int, device: torch.de
         raise ValueError(f"cu_seqlens must be 1-D with num_seqs + 1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens must be on the device of q ({device}), got {cu_seqlens.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
+        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
+
+
+def cu_seqlens_values(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen=None) -> List[int]:
+    """Read ``cu_seqlens`` to the host, check its values and return them as a list."""
     cu: List[int] = cu_seqlens.tolist()
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
@@ -85,9 +91,7 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, total_tokens: int, device: torch.de
     if cu[-1] != total_tokens:
         raise ValueError(f"cu_seqlens[-1] ({cu[-1]}) must equal total_tokens = q.shape[0] ({total_tokens})")
     longest = max(b - a for a, b in zip(cu, cu[1:]))
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int):
-        raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
-    if max_seqlen < longest:
+    if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence in cu_seqlens ({longest})")
     return cu
 

@@ -14,7 +14,7 @@ from .naive import naive_moba_attn
 class Backend:
     """One way of computing MoBA attention.
 
-    ``attend(q, k, v, cu_seqlens, cu_list, chunk_size, topk, softmax_scale)``
+    ``attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale)``
     returns the output; ``unsupported(q)`` returns None or the reason this
     backend cannot serve ``q`` (dtype, head dim, device).
     """
@@ -24,13 +24,13 @@ class Backend:
         self.name, self.attend, self.unsupported, self.available = name, attend, unsupported, available
 
 
-def _reference(q, k, v, cu_seqlens, cu_list, chunk_size, topk, softmax_scale):
-    layout = block_layout(cu_list, chunk_size, q.device)
+def _reference(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale):
+    layout = block_layout(_checks.cu_seqlens_values(cu_seqlens, q.shape[0]), chunk_size, q.device)
     sel = select_blocks(q.detach(), k.detach(), layout, topk)
     return naive_moba_attn(q, k, v, sel, layout, softmax_scale)
 
 
-def _torch(q, k, v, cu_seqlens, cu_list, chunk_size, topk, softmax_scale):
+def _torch(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale):
     from . import ops   # registers the custom ops on first use
     sel = ops.select_blocks_op(q.detach(), k.detach(), cu_seqlens, chunk_size, topk)
     out, _ = ops.torch_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, sel,
@@ -91,18 +91,20 @@ def moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, chunk_size, topk, softmax_
         ``[total_tokens, Hq, D]`` in the dtype of ``q``.
     """
     _checks.check_qkv(q, k, v, token_dims=1)
-    cu_list = _checks.check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    _checks.check_cu_seqlens(cu_seqlens, max_seqlen, q.device)
+    if not torch.compiler.is_compiling():   # compiled graphs check the values inside the ops
+        _checks.cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
     chunk_size = _checks.check_int("chunk_size", chunk_size)
     topk = _checks.check_int("topk", topk)
     softmax_scale = _checks.check_softmax_scale(softmax_scale, q.shape[-1])
     b = _pick_backend(backend, q)
     if q.shape[0] == 0:
         return q * 0
-    return b.attend(q, k, v, cu_seqlens, cu_list, chunk_size, topk, softmax_scale)
+    return b.attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale)
 
 
 def _batch_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
-    return torch.arange(0, (batch + 1) * seqlen, seqlen, dtype=torch.int32, device=device)
+    return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
 
 
 def moba_attn(q, k, v, chunk_size, topk, softmax_scale=None, backend=None):
@@ -140,7 +142,8 @@ def moba_select_blocks(q, k, chunk_size, topk, cu_seqlens=None, max_seqlen=None)
         _checks.check_qkv(q, k, k, token_dims=1)
         if cu_seqlens is None:
             raise ValueError("cu_seqlens is required for 3-D q [total_tokens, H, D]")
-    cu_list = _checks.check_cu_seqlens(cu_seqlens, max_seqlen, q.shape[0], q.device)
+    _checks.check_cu_seqlens(cu_seqlens, max_seqlen, q.device)
+    cu_list = _checks.cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
     chunk_size = _checks.check_int("chunk_size", chunk_size)
     topk = _checks.check_int("topk", topk)
     sel = select_blocks(q.detach(), k.detach(), block_layout(cu_list, chunk_size, q.device), topk)

@@ -9,17 +9,19 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
+from ._checks import cu_seqlens_values
 from .gate import select_blocks
 from .layout import block_layout
 
 
-def _layout(cu_seqlens: Tensor, chunk_size: int):
-    return block_layout(cu_seqlens.tolist(), chunk_size, cu_seqlens.device)
+def _layout(cu_seqlens: Tensor, total_tokens: int, chunk_size: int):
+    # Values are checked here too: under torch.compile the public function cannot read them.
+    return block_layout(cu_seqlens_values(cu_seqlens, total_tokens), chunk_size, cu_seqlens.device)
 
 
 @torch.library.custom_op("moba_kernels::select_blocks", mutates_args=())
 def select_blocks_op(q: Tensor, k: Tensor, cu_seqlens: Tensor, chunk_size: int, topk: int) -> Tensor:
-    return select_blocks(q, k, _layout(cu_seqlens, chunk_size), topk)
+    return select_blocks(q, k, _layout(cu_seqlens, q.shape[0], chunk_size), topk)
 
 
 @select_blocks_op.register_fake
@@ -30,7 +32,7 @@ def _(q, k, cu_seqlens, chunk_size, topk):
 @torch.library.custom_op("moba_kernels::torch_fwd", mutates_args=())
 def torch_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, sel: Tensor,
                  chunk_size: int, softmax_scale: float) -> Tuple[Tensor, Tensor]:
-    return torch_backend.moba_fwd(q, k, v, sel, _layout(cu_seqlens, chunk_size), softmax_scale)
+    return torch_backend.moba_fwd(q, k, v, sel, _layout(cu_seqlens, q.shape[0], chunk_size), softmax_scale)
 
 
 @torch_fwd_op.register_fake
@@ -42,7 +44,7 @@ def _(q, k, v, cu_seqlens, sel, chunk_size, softmax_scale):
 @torch.library.custom_op("moba_kernels::torch_bwd", mutates_args=())
 def torch_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
                  sel: Tensor, chunk_size: int, softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
-    return torch_backend.moba_bwd(dout, q, k, v, out, lse, sel, _layout(cu_seqlens, chunk_size), softmax_scale)
+    return torch_backend.moba_bwd(dout, q, k, v, out, lse, sel, _layout(cu_seqlens, q.shape[0], chunk_size), softmax_scale)
 
 
 @torch_bwd_op.register_fake

@@ -1,0 +1,114 @@
+"""The memory-efficient `torch` backend against the `reference` backend: forward and gradients."""
+import pytest
+import torch
+
+from helpers import cu_from_lens, max_err, rand_qkv, run_with_grads
+from moba_kernels import moba_attn, moba_attn_varlen
+
+CASES = [  # (lens, hq, hkv, dim, chunk, topk)
+    ([63], 4, 4, 32, 8, 3),                 # odd length, MHA
+    ([63], 4, 2, 64, 8, 3),                 # GQA 2
+    ([70], 8, 1, 32, 16, 2),                # MQA / GQA 8
+    ([5, 0, 40, 3, 17], 4, 2, 32, 8, 3),    # ragged varlen: shorter than a block, empty, partial blocks
+    ([48, 31], 2, 2, 128, 8, 1),            # topk = 1, head dim 128
+    ([33], 2, 1, 64, 8, 9),                 # topk >= blocks
+    ([20, 9], 2, 2, 32, 32, 2),             # chunk >= seqlen
+]
+
+
+def _both(lens, hq, hkv, dim, chunk, topk, dtype, seed=0):
+    q, k, v = rand_qkv(sum(lens), hq, hkv, dim, dtype, seed=seed)
+    cu = cu_from_lens(lens)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
+    results = {}
+    for backend, dt in (("torch", dtype), ("reference", dtype), ("truth", torch.float64)):
+        fn = lambda q_, k_, v_: moba_attn_varlen(  # noqa: E731
+            q_, k_, v_, cu, max(lens), chunk, topk, backend="reference" if backend == "truth" else backend)
+        results[backend] = run_with_grads(fn, [t.to(dt) for t in (q, k, v)], grad)
+    return results
+
+
+@pytest.mark.parametrize("lens,hq,hkv,dim,chunk,topk", CASES)
+def test_fp32_matches_reference(lens, hq, hkv, dim, chunk, topk):
+    r = _both(lens, hq, hkv, dim, chunk, topk, torch.float32)
+    (out, grads), (ref_out, ref_grads) = r["torch"], r["reference"]
+    assert out.dtype == torch.float32
+    assert max_err(out, ref_out) < 1e-5
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert max_err(g, rg) < 1e-5, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("lens,hq,hkv,dim,chunk,topk", [CASES[1], CASES[3], CASES[4]])
+def test_low_precision_error_rule(dtype, lens, hq, hkv, dim, chunk, topk):
+    """flash-attention's rule: error vs fp64 at most 2x (forward) / 3x (grads) the reference's own."""
+    r = _both(lens, hq, hkv, dim, chunk, topk, dtype, seed=3)
+    (out, grads), (ref_out, ref_grads), (true_out, true_grads) = r["torch"], r["reference"], r["truth"]
+    assert out.dtype == dtype and all(g.dtype == dtype for g in grads)
+    assert max_err(out, true_out) <= 2 * max_err(ref_out, true_out)
+    for name, g, rg, tg in zip("qkv", grads, ref_grads, true_grads):
+        assert max_err(g, tg) <= 3 * max_err(rg, tg), name
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("lens,hq,hkv,chunk,topk", [([11, 0, 6], 4, 2, 3, 2), ([9], 2, 1, 2, 3)])
+def test_gradcheck_float64(backend, lens, hq, hkv, chunk, topk):
+    q, k, v = rand_qkv(sum(lens), hq, hkv, 4, torch.float64, seed=9, requires_grad=True)
+    cu = cu_from_lens(lens)
+    fn = lambda q_, k_, v_: moba_attn_varlen(q_, k_, v_, cu, max(lens), chunk, topk, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
+
+
+def test_packed_equals_one_by_one():
+    """Documents in a packed batch never see each other."""
+    lens = [19, 1, 0, 44]
+    q, k, v = rand_qkv(sum(lens), 4, 2, 32, seed=4)
+    packed = moba_attn_varlen(q, k, v, cu_from_lens(lens), 44, 8, 2, backend="torch")
+    start = 0
+    for n in lens:
+        s = slice(start, start + n)
+        alone = moba_attn(q[None, s], k[None, s], v[None, s], 8, 2, backend="torch")[0]
+        assert alone.shape == (n, 4, 32)
+        if n:
+            assert max_err(packed[s], alone) < 1e-6
+        start += n
+
+
+def test_batched_matches_varlen_and_reference():
+    b, s = 3, 37
+    q, k, v = rand_qkv(b * s, 4, 2, 32, seed=8)
+    out = moba_attn(q.view(b, s, 4, 32), k.view(b, s, 2, 32), v.view(b, s, 2, 32), 8, 3, backend="torch")
+    ref = moba_attn_varlen(q, k, v, cu_from_lens([s] * b), s, 8, 3, backend="reference")
+    assert out.shape == (b, s, 4, 32)
+    assert max_err(out.flatten(0, 1), ref) < 1e-5
+
+
+def test_default_backend_and_scale():
+    q, k, v = rand_qkv(40, 2, 2, 16, seed=6)
+    cu = cu_from_lens([40])
+    auto = moba_attn_varlen(q, k, v, cu, 40, 8, 2)
+    explicit = moba_attn_varlen(q, k, v, cu, 40, 8, 2, softmax_scale=16 ** -0.5, backend="reference")
+    assert max_err(auto, explicit) < 1e-5
+    other = moba_attn_varlen(q, k, v, cu, 40, 8, 2, softmax_scale=0.5, backend="reference")
+    assert max_err(moba_attn_varlen(q, k, v, cu, 40, 8, 2, softmax_scale=0.5), other) < 1e-5
+    assert max_err(other, explicit) > 1e-3
+
+
+def test_empty_input():
+    q, k, v = rand_qkv(0, 2, 1, 8, requires_grad=True)
+    out = moba_attn_varlen(q, k, v, torch.zeros(3, dtype=torch.int32), 0, 4, 2)
+    assert out.shape == (0, 2, 8)
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+
+
+def test_torch_compile_sees_custom_ops():
+    q, k, v = rand_qkv(48, 4, 2, 16, seed=12, requires_grad=True)
+    cu = cu_from_lens([30, 18])
+    fn = lambda q_, k_, v_: moba_attn_varlen(q_, k_, v_, cu, 30, 8, 2, backend="torch")  # noqa: E731
+    eager = fn(q, k, v)
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, v)
+    assert max_err(eager, compiled) < 1e-6
+    gq_c, = torch.autograd.grad(compiled.sum(), q)
+    gq_e, = torch.autograd.grad(eager.sum(), q)
+    assert max_err(gq_c, gq_e) < 1e-6
