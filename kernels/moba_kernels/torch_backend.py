@@ -1,153 +1,184 @@
 """The ``torch`` backend: memory-efficient MoBA in pure PyTorch (CPU and GPU).
 
-Work is organised by key block, like a flash-attention kernel over a sparse
-block list:
+Each query's softmax is split into two parts and merged by log-sum-exp:
 
-1. every (token, query head, slot) selection is a *pair*; pairs are grouped by
-   (kv head, key block) and each group is padded to tiles of ``TILE_M`` pairs;
-2. a tile is one dense problem: ``TILE_M`` query rows against one key block of
-   ``chunk_size`` keys (causal mask for the query's own block), giving a partial
-   output and log-sum-exp per pair;
-3. the partials of each (token, head) -- its own block and the ``topk - 1``
-   chosen ones -- are merged by their log-sum-exp into one softmax.
+* own block (``_diag_*``): causal attention inside every key block, done as a
+  batch over zero-padded blocks ``[NB, C, H, D]`` (padding sits after the real
+  keys, so the causal mask hides it);
+* earlier blocks (``_past_*``): every (token, head, slot) choice of an earlier
+  block is a *pair*; pairs are grouped by (block, kv head) and each group is one
+  dense product of its queries against that block's ``C`` keys -- no mask
+  (earlier blocks are always full), no copy of K/V.
 
-Memory is O(tokens * heads * topk * (head_dim + 1)) for the partials plus a
-bounded batch of tiles, never O(S^2).  The backward recomputes scores per tile
-from the saved LSE (flash-attention style) and accumulates dK/dV per key block.
-Math runs in fp32 (fp64 for fp64 inputs); GQA reads K/V through the kv-head
-index, never copies them per query head.
+The backward recomputes scores from the saved output and LSE (flash-attention
+style): ``P = exp(S - lse)``, ``dS = P * (dO V^T - rowsum(dO * O))``, and adds
+dK/dV per key block.  Memory is O(tokens * heads * topk * D) for the partials
+plus O(budget) scores, never O(S^2).  Math in fp32 (fp64 for fp64 inputs);
+GQA reads K/V through the kv-head index.  On CPU the own-block part uses
+PyTorch's fused flash-attention CPU kernel, which also returns the LSE.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 
 from .layout import BlockLayout
 
-TILE_M = 64                  # query rows per tile
-_TILE_BUDGET = 1 << 22       # score elements per batch of tiles (16 MiB fp32)
-
-
-@dataclass
-class _Tiles:
-    pair: torch.Tensor       # [n, M] pair id (row * topk + slot); dummy = rows * topk
-    row: torch.Tensor        # [n, M] query row (token * Hq + head); dummy = rows
-    qpos: torch.Tensor       # [n, M] query token, -1 for padding
-    kv_row: torch.Tensor     # [n, C] row of k.view(T * Hkv, D) for each key of the tile's block
-    key_pos: torch.Tensor    # [n, C] key token, -1 past the end of a short block
-
-
-def _build_tiles(sel: torch.Tensor, layout: BlockLayout, hkv: int) -> _Tiles:
-    total, hq, topk = sel.shape
-    device = sel.device
-    chunk, nb = layout.chunk_size, layout.num_blocks
-    gblock = sel.long() + layout.seq_first_block[layout.token_seq][:, None, None]  # [T, Hq, topk]
-    kvh = torch.arange(hq, device=device) // (hq // hkv)
-    group = (kvh[None, :, None] * nb + gblock).flatten()                            # (kv head, block)
-    pair = torch.nonzero(sel.flatten() >= 0).squeeze(1)
-    group = group[pair]
-    order = torch.argsort(group, stable=True)
-    pair, group = pair[order], group[order]
-
-    counts = torch.bincount(group, minlength=hkv * nb)
-    tiles = (counts + TILE_M - 1) // TILE_M                                          # tiles per group
-    first_tile = torch.cumsum(tiles, 0) - tiles
-    first_pair = torch.cumsum(counts, 0) - counts
-    slot = first_tile[group] * TILE_M + torch.arange(pair.numel(), device=device) - first_pair[group]
-    n = int(tiles.sum())
-    dummy_pair = total * hq * topk
-    tile_pair = torch.full((n * TILE_M,), dummy_pair, dtype=torch.long, device=device)
-    tile_pair[slot] = pair
-    tile_pair = tile_pair.view(n, TILE_M)
-    row = tile_pair // topk                                                          # dummy -> T * Hq
-    qpos = torch.where(tile_pair == dummy_pair, -1, row // hq)
-
-    tile_group = torch.repeat_interleave(torch.arange(hkv * nb, device=device), tiles)  # [n]
-    tile_kvh, tile_block = tile_group // nb, tile_group % nb
-    offs = torch.arange(chunk, device=device)
-    key_pos = layout.block_start[tile_block][:, None] + offs[None, :]                 # [n, C]
-    inside = offs[None, :] < layout.block_len[tile_block][:, None]
-    key_pos = torch.where(inside, key_pos, -1)
-    kv_row = key_pos.clamp(min=0) * hkv + tile_kvh[:, None]
-    return _Tiles(tile_pair, row, qpos, kv_row, key_pos)
-
-
-def _batches(tiles: _Tiles, chunk: int):
-    step = max(1, _TILE_BUDGET // (TILE_M * chunk))
-    for a in range(0, tiles.pair.shape[0], step):
-        sl = slice(a, a + step)
-        visible = (tiles.key_pos[sl, None, :] >= 0) & (tiles.key_pos[sl, None, :] <= tiles.qpos[sl, :, None])
-        yield sl, visible                                                            # [b, M, C]
-
-
-def _with_dummy_row(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """[T, H, D] -> [T * H + 1, D] in ``dtype``; the extra zero row serves tile padding."""
-    flat = x.reshape(-1, x.shape[-1]).to(dtype)
-    return torch.cat([flat, flat.new_zeros(1, flat.shape[1])], dim=0)
+_SCORE_BUDGET = 1 << 21      # score elements per step (8 MiB fp32)
+USE_CPU_FLASH = True         # tests switch it off to exercise the portable own-block path
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def moba_fwd(q, k, v, sel, layout: BlockLayout, softmax_scale: float):
-    """q: [T, Hq, D], k/v: [T, Hkv, D], sel: [T, Hq, topk].
+def _block_positions(layout: BlockLayout) -> torch.Tensor:
+    """[NB, C] token index of each slot of each block, -1 past the end of a short block."""
+    offs = torch.arange(layout.chunk_size, device=layout.block_start.device)
+    pos = layout.block_start[:, None] + offs[None, :]
+    return torch.where(offs[None, :] < layout.block_len[:, None], pos, -1)
 
-    Returns out [T, Hq, D] (dtype of q) and lse [T, Hq] (fp32, fp64 for fp64).
+
+def _pack(x: torch.Tensor, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[T, H, ...] -> [NB, C, H, ...], zero where ``pos`` (from _block_positions) is -1."""
+    packed = x.to(dtype)[pos.clamp(min=0)]
+    mask = (pos >= 0).view(*pos.shape, *([1] * (x.dim() - 1)))
+    return packed * mask
+
+
+def _flash_cpu(x: torch.Tensor) -> bool:
+    return USE_CPU_FLASH and x.device.type == "cpu"
+
+
+# ---------------------------------------------------------------- own block
+def _diag_fwd(qb, kb, vb, scale):
+    """Causal attention inside each block.  qb [NB, C, Hq, D], kb/vb [NB, C, Hkv, D]
+    -> out [NB, C, Hq, D], lse [NB, C, Hq]."""
+    nb, c, hq, d = qb.shape
+    g = hq // kb.shape[2]
+    q_, k_, v_ = (x.permute(0, 2, 1, 3) for x in (qb, kb, vb))                    # [NB, H, C, D]
+    k_, v_ = (x.repeat_interleave(g, 1) if g > 1 else x for x in (k_, v_))
+    if _flash_cpu(qb):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q_, k_, v_, 0.0, True, scale=scale)
+        return out.permute(0, 2, 1, 3), lse.permute(0, 2, 1)
+    causal = torch.ones(c, c, dtype=torch.bool, device=qb.device).tril()
+    outs, lses = [], []
+    step = max(1, _SCORE_BUDGET // (hq * c * c))
+    for a in range(0, nb, step):
+        s = torch.matmul(q_[a:a + step], k_[a:a + step].transpose(-1, -2)).mul_(scale)
+        s.masked_fill_(~causal, float("-inf"))
+        lse = torch.logsumexp(s, dim=-1)                                            # [b, Hq, C]
+        outs.append(torch.matmul(torch.exp_(s.sub_(lse[..., None])), v_[a:a + step]))
+        lses.append(lse)
+    return torch.cat(outs).permute(0, 2, 1, 3), torch.cat(lses).permute(0, 2, 1)
+
+
+def _diag_bwd(dob, qb, kb, vb, ob, lseb, scale):
+    """Gradients of the own-block part given the *final* out/LSE of each query."""
+    nb, c, hq, d = qb.shape
+    hkv = kb.shape[2]
+    g = hq // hkv
+    q_, k_, v_, do_, o_ = (x.permute(0, 2, 1, 3) for x in (qb, kb, vb, dob, ob))
+    k_, v_ = (x.repeat_interleave(g, 1) if g > 1 else x for x in (k_, v_))
+    lse_ = lseb.permute(0, 2, 1)                                                    # [NB, Hq, C]
+    if _flash_cpu(qb):
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            do_, q_, k_, v_, o_, lse_, 0.0, True, scale=scale)
+    else:
+        causal = torch.ones(c, c, dtype=torch.bool, device=qb.device).tril()
+        delta = (do_ * o_).sum(-1, keepdim=True)                                   # [NB, Hq, C, 1]
+        dq, dk, dv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
+        step = max(1, _SCORE_BUDGET // (hq * c * c))
+        for a in range(0, nb, step):
+            sl = slice(a, a + step)
+            s = torch.matmul(q_[sl], k_[sl].transpose(-1, -2)).mul_(scale).sub_(lse_[sl, ..., None])
+            p = torch.exp_(s.masked_fill_(~causal, float("-inf")))
+            dv[sl] = torch.matmul(p.transpose(-1, -2), do_[sl])
+            ds = p.mul_(torch.matmul(do_[sl], v_[sl].transpose(-1, -2)).sub_(delta[sl])).mul_(scale)
+            dq[sl] = torch.matmul(ds, k_[sl])
+            dk[sl] = torch.matmul(ds.transpose(-1, -2), q_[sl])
+    unexpand = lambda x: x.view(nb, hkv, g, c, d).sum(2) if g > 1 else x          # noqa: E731
+    return dq.permute(0, 2, 1, 3), unexpand(dk).permute(0, 2, 1, 3), unexpand(dv).permute(0, 2, 1, 3)
+
+
+# ---------------------------------------------------------------- earlier blocks
+def _past_groups(sel: torch.Tensor, layout: BlockLayout, hkv: int):
+    """Yield (block, kv_head, pairs) for every (global block, kv head) chosen as an earlier
+    block; ``pairs`` are flat indices into ``[T, Hq, topk]``, row = pair // topk."""
+    total, hq, topk = sel.shape
+    device = sel.device
+    s64 = sel.long()
+    earlier = (s64 >= 0) & (s64 != layout.token_local_block[:, None, None])
+    gblock = s64 + layout.seq_first_block[layout.token_seq][:, None, None]
+    kvh = torch.arange(hq, device=device) // (hq // hkv)
+    group = (gblock * hkv + kvh[None, :, None]).flatten()
+    pairs = torch.nonzero(earlier.flatten()).squeeze(1)
+    group = group[pairs]
+    order = torch.argsort(group, stable=True)
+    pairs, group = pairs[order], group[order]
+    counts = torch.bincount(group, minlength=layout.num_blocks * hkv).tolist()
+    for gid, chunk in enumerate(torch.split(pairs, counts)):
+        if chunk.numel():
+            blk, h = divmod(gid, hkv)
+            step = max(1, _SCORE_BUDGET // layout.chunk_size)
+            for a in range(0, chunk.numel(), step):
+                yield blk, h, chunk[a:a + step]
+
+
+def moba_fwd(q, k, v, sel, layout: BlockLayout, softmax_scale: float):
+    """q: [T, Hq, D], k/v: [T, Hkv, D], sel: [T, Hq, topk] (from gate.select_blocks).
+
+    Returns out [T, Hq, D] (dtype of q) and lse [T, Hq] (fp32; fp64 for fp64 inputs).
     """
     total, hq, dim = q.shape
-    topk = sel.shape[2]
+    hkv, topk = k.shape[1], sel.shape[2]
     ct = _compute_dtype(q)
-    tiles = _build_tiles(sel, layout, k.shape[1])
-    qf = _with_dummy_row(q, ct)                                      # [T*Hq + 1, D]
-    kf = k.reshape(-1, dim).to(ct)                                   # [T*Hkv, D]
-    vf = v.reshape(-1, dim).to(ct)
-    part_out = torch.zeros(total * hq * topk + 1, dim, dtype=ct, device=q.device)
-    part_lse = torch.full((total * hq * topk + 1,), float("-inf"), dtype=ct, device=q.device)
-    for sl, visible in _batches(tiles, layout.chunk_size):
-        qt, kt, vt = qf[tiles.row[sl]], kf[tiles.kv_row[sl]], vf[tiles.kv_row[sl]]  # [b,M,D], [b,C,D]
-        scores = torch.bmm(qt, kt.transpose(1, 2)).mul_(softmax_scale)
-        scores.masked_fill_(~visible, float("-inf"))                                # [b, M, C]
-        m = scores.amax(dim=-1, keepdim=True)
-        m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-        p = torch.exp_(scores.sub_(m))
-        denom = p.sum(dim=-1, keepdim=True)                                          # [b, M, 1]
-        o = torch.bmm(p, vt).div_(denom.clamp(min=torch.finfo(ct).tiny))
-        part_out[tiles.pair[sl]] = o
-        part_lse[tiles.pair[sl]] = (m + torch.log(denom)).squeeze(-1)
-    part_lse = part_lse[:-1].view(total * hq, topk)
-    lse = torch.logsumexp(part_lse, dim=-1)                                          # [T*Hq]
-    weight = torch.exp(part_lse - lse[:, None])                                      # [T*Hq, topk]
-    out = torch.einsum("rs,rsd->rd", weight, part_out[:-1].view(total * hq, topk, dim))
-    return out.view(total, hq, dim).to(q.dtype), lse.view(total, hq)
+    pos = _block_positions(layout)
+    real = pos >= 0
+    kb, vb = _pack(k, pos, ct), _pack(v, pos, ct)                                  # [NB, C, Hkv, D]
+    diag_out, diag_lse = _diag_fwd(_pack(q, pos, ct), kb, vb, softmax_scale)
+    diag_out, diag_lse = diag_out[real], diag_lse[real]                            # [T, Hq, D], [T, Hq]
+
+    qs = q.reshape(-1, dim).to(ct) * softmax_scale                                 # [T*Hq, D]
+    part_out = torch.zeros(total * hq * topk, dim, dtype=ct, device=q.device)
+    part_lse = torch.full((total * hq * topk,), float("-inf"), dtype=ct, device=q.device)
+    for blk, h, pairs in _past_groups(sel, layout, hkv):
+        s = qs[pairs // topk] @ kb[blk, :, h].T                                      # [n, C]
+        m = s.amax(dim=-1, keepdim=True)
+        p = torch.exp_(s.sub_(m))
+        denom = p.sum(dim=-1, keepdim=True)
+        part_out[pairs] = (p @ vb[blk, :, h]).div_(denom)
+        part_lse[pairs] = (m + torch.log(denom)).squeeze(-1)
+    all_lse = torch.cat([part_lse.view(total, hq, topk), diag_lse[..., None]], dim=-1)  # [T, Hq, topk+1]
+    lse = torch.logsumexp(all_lse, dim=-1)                                          # [T, Hq]
+    w = torch.exp(all_lse - lse[..., None])
+    out = torch.einsum("ths,thsd->thd", w[..., :topk], part_out.view(total, hq, topk, dim))
+    out = out + w[..., topk:] * diag_out
+    return out.to(q.dtype), lse
 
 
 def moba_bwd(dout, q, k, v, out, lse, sel, layout: BlockLayout, softmax_scale: float):
-    """Gradients of ``moba_fwd``: returns dq, dk, dv in the input dtype."""
+    """Gradients of ``moba_fwd``: returns dq, dk, dv in the input dtypes."""
     total, hq, dim = q.shape
-    hkv = k.shape[1]
+    hkv, topk = k.shape[1], sel.shape[2]
     ct = _compute_dtype(q)
-    tiles = _build_tiles(sel, layout, hkv)
-    qf, dof = _with_dummy_row(q, ct), _with_dummy_row(dout, ct)
-    kf = k.reshape(-1, dim).to(ct)
-    vf = v.reshape(-1, dim).to(ct)
-    delta = (dout.to(ct) * out.to(ct)).sum(-1).flatten()                             # [T*Hq]
-    delta = torch.cat([delta, delta.new_zeros(1)])
-    lse_r = torch.cat([lse.flatten().to(ct), lse.new_zeros(1, dtype=ct)])
-    dq = torch.zeros_like(qf)
-    dk = torch.zeros_like(kf)
-    dv = torch.zeros_like(vf)
-    for sl, visible in _batches(tiles, layout.chunk_size):
-        row, kv_row = tiles.row[sl], tiles.kv_row[sl]
-        qt, kt, vt, dot = qf[row], kf[kv_row], vf[kv_row], dof[row]
-        scores = torch.bmm(qt, kt.transpose(1, 2)).mul_(softmax_scale)
-        p = torch.exp(torch.where(visible, scores - lse_r[row][:, :, None], float("-inf")))  # [b, M, C]
-        dv.index_add_(0, kv_row.flatten(), torch.bmm(p.transpose(1, 2), dot).flatten(0, 1))
-        dp = torch.bmm(dot, vt.transpose(1, 2))
-        ds = p.mul_(dp.sub_(delta[row][:, :, None])).mul_(softmax_scale)
-        dq.index_add_(0, row.flatten(), torch.bmm(ds, kt).flatten(0, 1))
-        dk.index_add_(0, kv_row.flatten(), torch.bmm(ds.transpose(1, 2), qt).flatten(0, 1))
-    return (dq[:-1].view(total, hq, dim).to(q.dtype),
-            dk.view(total, hkv, dim).to(k.dtype),
-            dv.view(total, hkv, dim).to(v.dtype))
+    pos = _block_positions(layout)
+    real = pos >= 0
+    kb, vb = _pack(k, pos, ct), _pack(v, pos, ct)                                  # [NB, C, Hkv, D]
+    dqb, dkb, dvb = _diag_bwd(_pack(dout, pos, ct), _pack(q, pos, ct), kb, vb, _pack(out, pos, ct),
+                              _pack(lse, pos, ct), softmax_scale)
+    dq = dqb[real].reshape(-1, dim).clone()                                       # [T*Hq, D]
+    dkb, dvb = dkb.contiguous(), dvb.contiguous()
+
+    qs = q.reshape(-1, dim).to(ct) * softmax_scale
+    do = dout.reshape(-1, dim).to(ct)
+    lse_r = lse.reshape(-1).to(ct)
+    delta = (do * out.reshape(-1, dim).to(ct)).sum(-1)                              # [T*Hq]
+    for blk, h, pairs in _past_groups(sel, layout, hkv):
+        rows = pairs // topk
+        kt, vt, dot = kb[blk, :, h], vb[blk, :, h], do[rows]
+        p = torch.exp_((qs[rows] @ kt.T).sub_(lse_r[rows, None]))                    # [n, C]
+        dvb[blk, :, h] += p.T @ dot
+        ds = p.mul_((dot @ vt.T).sub_(delta[rows, None]))                            # w.r.t. scaled scores
+        dq.index_add_(0, rows, (ds @ kt).mul_(softmax_scale))
+        dkb[blk, :, h] += ds.T @ qs[rows]
+    return (dq.view(total, hq, dim).to(q.dtype), dkb[real].to(k.dtype), dvb[real].to(v.dtype))

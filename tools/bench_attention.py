@@ -1,0 +1,200 @@
+#!/usr/bin/env python
+"""Benchmark MoBA backends against dense causal SDPA on the same shapes.
+
+    python tools/bench_attention.py --seqlens 2048,4096,8192,16384,32768 --chunk-size 512 --topk 3 \
+        --heads 4 --kv-heads 4 --head-dim 64 --dtype fp32 --out benchmarks/results/bench_cpu.json
+
+Each (implementation, sequence length, mode) runs in a fresh subprocess, so its peak memory
+is its own: CUDA peak allocated bytes on GPU, the rise of peak RSS on CPU.  Times are the
+median of --reps runs after one warm-up.  Prints a table and writes JSON with the device,
+the versions and every figure; speedups are against SDPA dense causal from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seqlens", default="2048,4096,8192,16384,32768", help="comma-separated sequence lengths")
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--topk", type=int, default=3)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=4, help="query heads")
+    p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    p.add_argument("--impls", default="sdpa,torch,reference",
+                   help="comma-separated: sdpa (dense causal baseline) and MoBA backends")
+    p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
+    p.add_argument("--reference-max-seqlen", type=int, default=16384,
+                   help="skip the O(S^2)-memory reference backend above this length")
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--out", default=None, help="JSON file to write")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.kv_heads = args.kv_heads or args.heads
+    if args.heads % args.kv_heads:
+        p.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
+    return args
+
+
+def attended_pairs(q, k, chunk, topk):
+    """(query, key) pairs MoBA really computes, summed over batch and heads."""
+    from moba_kernels import moba_select_blocks
+    sel = moba_select_blocks(q, k, chunk, topk).long()                 # [B, S, H, topk]
+    seqlen = q.shape[1]
+    pos = torch.arange(seqlen, device=q.device)[None, :, None, None]
+    own = (pos // chunk)
+    full = torch.clamp(seqlen - sel * chunk, max=chunk)                 # keys in each selected block
+    keys = torch.where(sel == own, pos % chunk + 1, full)
+    return int(torch.where(sel >= 0, keys, 0).sum())
+
+
+def run_worker(cfg: dict) -> dict:
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    dev = torch.device(cfg["device"])
+    dtype = DTYPES[cfg["dtype"]]
+    b, s, h, hkv, d = cfg["batch"], cfg["seqlen"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(b, s, h, d, device=dev, dtype=dtype, generator=g)
+    k = torch.randn(b, s, hkv, d, device=dev, dtype=dtype, generator=g)
+    v = torch.randn(b, s, hkv, d, device=dev, dtype=dtype, generator=g)
+    do = torch.randn(b, s, h, d, device=dev, dtype=dtype, generator=g)
+    backward = cfg["mode"] == "fwdbwd"
+    for t in (q, k, v):
+        t.requires_grad_(backward)
+
+    if cfg["impl"] == "sdpa":
+        import torch.nn.functional as F
+
+        def fn():
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                  is_causal=True, enable_gqa=h != hkv).transpose(1, 2)
+        pairs = b * h * s * (s + 1) // 2
+    else:
+        from moba_kernels import moba_attn
+
+        def fn():
+            return moba_attn(q, k, v, cfg["chunk_size"], cfg["topk"], backend=cfg["impl"])
+        pairs = attended_pairs(q.detach(), k.detach(), cfg["chunk_size"], cfg["topk"])
+
+    def step():
+        out = fn()
+        if backward:
+            torch.autograd.grad(out, (q, k, v), do)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        step()
+        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+    times = []
+    for _ in range(cfg["reps"]):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    ms = statistics.median(times) * 1e3
+    flops = 4 * d * pairs * (3.5 if backward else 1.0)   # fwd: QK^T and PV; bwd counted as 2.5x fwd
+    return dict(ms=ms, peak_mem_mib=peak / 2**20, attended_pairs=pairs, tflops=flops / (ms * 1e-3) / 1e12)
+
+
+def measure(cfg: dict) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        return dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def environment(device: str) -> dict:
+    env = dict(torch=torch.__version__, python=platform.python_version(), device=device,
+               host=platform.node(), cpu=platform.processor() or platform.machine(),
+               threads=torch.get_num_threads())
+    if device == "cuda":
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    try:
+        import triton
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    seqlens = [int(x) for x in args.seqlens.split(",")]
+    impls = args.impls.split(",")
+    rows = []
+    for s in seqlens:
+        for mode in args.modes.split(","):
+            for impl in impls:
+                if impl == "reference" and s > args.reference_max_seqlen:
+                    continue
+                cfg = dict(impl=impl, mode=mode, seqlen=s, batch=args.batch, heads=args.heads,
+                           kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+                           chunk_size=args.chunk_size, topk=args.topk, device=device, reps=args.reps,
+                           threads=args.threads)
+                rows.append({**cfg, **measure(cfg)})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    for r in rows:   # ratios against the SDPA baseline of the same run, shape and mode
+        base = next((x for x in rows if x["impl"] == "sdpa" and x["seqlen"] == r["seqlen"]
+                     and x["mode"] == r["mode"] and "ms" in x), None)
+        if base and "ms" in r:
+            r["speedup_vs_sdpa"] = base["ms"] / r["ms"]
+            r["mem_vs_sdpa"] = r["peak_mem_mib"] / base["peak_mem_mib"] if base["peak_mem_mib"] > 0 else None
+    for r in rows:   # memory against the reference backend, as the foundation issue asks
+        ref = next((x for x in rows if x["impl"] == "reference" and x["seqlen"] == r["seqlen"]
+                    and x["mode"] == r["mode"] and "ms" in x), None)
+        if ref and "ms" in r and ref["peak_mem_mib"] > 0:
+            r["mem_vs_reference"] = r["peak_mem_mib"] / ref["peak_mem_mib"]
+
+    header = f"{'seqlen':>7} {'mode':>7} {'impl':>10} {'ms':>10} {'TFLOP/s':>8} {'vs sdpa':>8} {'peak MiB':>9} {'mem/ref':>8}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['seqlen']:>7} {r['mode']:>7} {r['impl']:>10}  error: {r['error']}")
+            continue
+        fmt = lambda key, spec: format(r[key], spec) if r.get(key) is not None else "-"  # noqa: E731
+        print(f"{r['seqlen']:>7} {r['mode']:>7} {r['impl']:>10} {r['ms']:>10.1f} {r['tflops']:>8.3f} "
+              f"{fmt('speedup_vs_sdpa', '>7.2f'):>8} {r['peak_mem_mib']:>9.1f} {fmt('mem_vs_reference', '>7.3f'):>8}")
+    result = dict(environment=environment(device), args={k: v for k, v in vars(args).items() if k != "worker"},
+                  rows=rows)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
