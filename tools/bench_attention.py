@@ -5,7 +5,8 @@
         --heads 4 --kv-heads 4 --head-dim 64 --dtype fp32 --out benchmarks/results/bench_cpu.json
 
 Each (implementation, sequence length, mode) runs in a fresh subprocess, so its peak memory
-is its own: CUDA peak allocated bytes on GPU, the rise of peak RSS on CPU.  Times are the
+is its own: CUDA's peak allocated bytes on GPU, the CPU allocator's peak (from the profiler's
+allocation records) on CPU.  Times are the
 median of --reps runs after one warm-up.  Prints a table and writes JSON with the device,
 the versions and every figure; speedups are against SDPA dense causal from the same run.
 """
@@ -15,7 +16,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -66,41 +66,67 @@ def attended_pairs(q, k, chunk, topk):
     return int(torch.where(sel >= 0, keys, 0).sum())
 
 
+def cpu_peak_bytes(fn) -> int:
+    """Peak of the bytes held by PyTorch's CPU allocator during fn() (above what was held
+    before), from the profiler's allocation records: the CPU analogue of CUDA's
+    max_memory_allocated."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                     if e.name() == "[memory]")
+    held = peak = 0
+    for _, nbytes in records:
+        held += nbytes
+        peak = max(peak, held)
+    return peak
+
+
 def run_worker(cfg: dict) -> dict:
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     dev = torch.device(cfg["device"])
     dtype = DTYPES[cfg["dtype"]]
     b, s, h, hkv, d = cfg["batch"], cfg["seqlen"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-    g = torch.Generator(device=dev).manual_seed(0)
-    q = torch.randn(b, s, h, d, device=dev, dtype=dtype, generator=g)
-    k = torch.randn(b, s, hkv, d, device=dev, dtype=dtype, generator=g)
-    v = torch.randn(b, s, hkv, d, device=dev, dtype=dtype, generator=g)
-    do = torch.randn(b, s, h, d, device=dev, dtype=dtype, generator=g)
     backward = cfg["mode"] == "fwdbwd"
-    for t in (q, k, v):
-        t.requires_grad_(backward)
 
+    def make(seqlen):
+        g = torch.Generator(device=dev).manual_seed(0)
+        shapes = [(b, seqlen, h, d), (b, seqlen, hkv, d), (b, seqlen, hkv, d), (b, seqlen, h, d)]
+        q, k, v, do = (torch.randn(sh, device=dev, dtype=dtype, generator=g) for sh in shapes)
+        for t in (q, k, v):
+            t.requires_grad_(backward)
+        return q, k, v, do
+
+    def build(q, k, v, do):
+        if cfg["impl"] == "sdpa":
+            import torch.nn.functional as F
+
+            def fn():
+                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                      is_causal=True, enable_gqa=h != hkv).transpose(1, 2)
+        else:
+            from moba_kernels import moba_attn
+
+            def fn():
+                return moba_attn(q, k, v, cfg["chunk_size"], cfg["topk"], backend=cfg["impl"])
+
+        def step():
+            out = fn()
+            if backward:
+                torch.autograd.grad(out, (q, k, v), do)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+        return step
+
+    # Warm up on a short sequence first: library loading and thread pools must not count as peak memory.
+    build(*make(min(s, 2 * cfg["chunk_size"])))()
+    q, k, v, do = make(s)
+    step = build(q, k, v, do)
     if cfg["impl"] == "sdpa":
-        import torch.nn.functional as F
-
-        def fn():
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                  is_causal=True, enable_gqa=h != hkv).transpose(1, 2)
         pairs = b * h * s * (s + 1) // 2
     else:
-        from moba_kernels import moba_attn
-
-        def fn():
-            return moba_attn(q, k, v, cfg["chunk_size"], cfg["topk"], backend=cfg["impl"])
         pairs = attended_pairs(q.detach(), k.detach(), cfg["chunk_size"], cfg["topk"])
-
-    def step():
-        out = fn()
-        if backward:
-            torch.autograd.grad(out, (q, k, v), do)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
     if dev.type == "cuda":
         torch.cuda.synchronize()
@@ -109,9 +135,7 @@ def run_worker(cfg: dict) -> dict:
         step()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        step()
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) * 1024
+        peak = cpu_peak_bytes(step)
     times = []
     for _ in range(cfg["reps"]):
         t0 = time.perf_counter()
