@@ -124,6 +124,13 @@ def _past_groups(sel: torch.Tensor, layout: BlockLayout, hkv: int):
                 yield blk, h, chunk[a:a + step]
 
 
+def _blocked_kv(k, v, layout: BlockLayout):
+    """Compute dtype, block slot positions [NB, C], their validity, and K/V as [NB, C, Hkv, D]."""
+    ct = _compute_dtype(k)
+    pos = _block_positions(layout)
+    return ct, pos, pos >= 0, _pack(k, pos, ct), _pack(v, pos, ct)
+
+
 def moba_fwd(q, k, v, sel, layout: BlockLayout, softmax_scale: float):
     """q: [T, Hq, D], k/v: [T, Hkv, D], sel: [T, Hq, topk] (from gate.select_blocks).
 
@@ -131,10 +138,7 @@ def moba_fwd(q, k, v, sel, layout: BlockLayout, softmax_scale: float):
     """
     total, hq, dim = q.shape
     hkv, topk = k.shape[1], sel.shape[2]
-    ct = _compute_dtype(q)
-    pos = _block_positions(layout)
-    real = pos >= 0
-    kb, vb = _pack(k, pos, ct), _pack(v, pos, ct)                                  # [NB, C, Hkv, D]
+    ct, pos, real, kb, vb = _blocked_kv(k, v, layout)
     diag_out, diag_lse = _diag_fwd(_pack(q, pos, ct), kb, vb, softmax_scale)
     diag_out, diag_lse = diag_out[real], diag_lse[real]                            # [T, Hq, D], [T, Hq]
 
@@ -160,10 +164,7 @@ def moba_bwd(dout, q, k, v, out, lse, sel, layout: BlockLayout, softmax_scale: f
     """Gradients of ``moba_fwd``: returns dq, dk, dv in the input dtypes."""
     total, hq, dim = q.shape
     hkv, topk = k.shape[1], sel.shape[2]
-    ct = _compute_dtype(q)
-    pos = _block_positions(layout)
-    real = pos >= 0
-    kb, vb = _pack(k, pos, ct), _pack(v, pos, ct)                                  # [NB, C, Hkv, D]
+    ct, pos, real, kb, vb = _blocked_kv(k, v, layout)
     dqb, dkb, dvb = _diag_bwd(_pack(dout, pos, ct), _pack(q, pos, ct), kb, vb, _pack(out, pos, ct),
                               _pack(lse, pos, ct), softmax_scale)
     dq = dqb[real].reshape(-1, dim).clone()                                       # [T*Hq, D]
