@@ -1,0 +1,96 @@
+"""MoBA settings carried on megatron-core's ``TransformerConfig``.
+
+Errors name the command-line flag a Megatron user sets (``--moba-topk`` ...), so a bad
+configuration fails at model build with a message that says what to change.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+ATTENTION_CHOICES = ("moba", "full")
+
+
+@dataclass
+class MoBATransformerConfig(TransformerConfig):
+    """``TransformerConfig`` plus MoBA.
+
+    Layer numbers are megatron's: 1-based, global across pipeline stages.
+    """
+
+    attention: str = "moba"
+    """``moba``, or ``full`` to train the dense baseline with the same code (--attention)."""
+
+    moba_chunk_size: int = 512
+    """Key block size in tokens (--moba-chunk-size)."""
+
+    moba_topk: int = 3
+    """Blocks each query attends, its own included (--moba-topk)."""
+
+    moba_backend: Optional[str] = None
+    """``moba_kernels`` backend, None = fastest available (--moba-backend)."""
+
+    moba_full_attn_layers: int = 0
+    """The last N layers keep full attention, as in the MoBA paper (--moba-full-attn-layers)."""
+
+    moba_full_attn_layer_list: Optional[List[int]] = None
+    """Explicit 1-based layer numbers that keep full attention (--moba-full-attn-layer-list)."""
+
+    def __post_init__(self):
+        _check_flags(self)
+        super().__post_init__()
+
+    def full_attention_layers(self) -> List[int]:
+        """1-based numbers of the layers that run full attention."""
+        if self.attention == "full":
+            return list(range(1, self.num_layers + 1))
+        last = range(self.num_layers - self.moba_full_attn_layers + 1, self.num_layers + 1)
+        return sorted(set(last) | set(self.moba_full_attn_layer_list or []))
+
+    def is_moba_layer(self, layer_number: int) -> bool:
+        return layer_number not in self.full_attention_layers()
+
+
+def _check_flags(c: MoBATransformerConfig) -> None:
+    def need_int(value, flag, minimum):
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+
+    if c.attention not in ATTENTION_CHOICES:
+        raise ValueError(f"--attention must be one of {ATTENTION_CHOICES}, got {c.attention!r}")
+    need_int(c.moba_chunk_size, "--moba-chunk-size", 1)
+    need_int(c.moba_topk, "--moba-topk", 1)
+    need_int(c.moba_full_attn_layers, "--moba-full-attn-layers", 0)
+    if c.moba_full_attn_layers > c.num_layers:
+        raise ValueError(f"--moba-full-attn-layers ({c.moba_full_attn_layers}) exceeds --num-layers ({c.num_layers})")
+    for n in c.moba_full_attn_layer_list or []:
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= c.num_layers:
+            raise ValueError(f"--moba-full-attn-layer-list: layer {n!r} is out of range 1..{c.num_layers} "
+                             "(layer numbers are 1-based)")
+    if c.moba_backend is not None:
+        from moba_kernels.api import BACKENDS
+        if c.moba_backend not in BACKENDS:
+            raise ValueError(f"--moba-backend {c.moba_backend!r} is unknown; choose one of {sorted(BACKENDS)}")
+    tp, cp = c.tensor_model_parallel_size, c.context_parallel_size
+    if c.num_attention_heads % tp:
+        raise ValueError(f"--num-attention-heads ({c.num_attention_heads}) must be divisible by "
+                         f"--tensor-model-parallel-size ({tp})")
+    groups = c.num_query_groups or c.num_attention_heads
+    if c.num_attention_heads % groups:
+        raise ValueError(f"--num-attention-heads ({c.num_attention_heads}) must be a multiple of "
+                         f"--num-query-groups ({groups})")
+    if groups % tp and tp % groups:
+        raise ValueError(f"--num-query-groups ({groups}) must be a multiple or divisor of "
+                         f"--tensor-model-parallel-size ({tp})")
+    if cp < 1:
+        raise ValueError(f"--context-parallel-size must be >= 1, got {cp}")
+
+
+def check_seq_length(config: MoBATransformerConfig, seq_length: int) -> None:
+    """Checks that need the training sequence length (called when the model is built)."""
+    cp = config.context_parallel_size
+    if cp > 1 and seq_length % (2 * cp):
+        raise ValueError(f"--seq-length ({seq_length}) must be divisible by 2 x --context-parallel-size "
+                         f"({2 * cp}) for the load-balanced context-parallel layout")

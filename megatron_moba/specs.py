@@ -1,0 +1,75 @@
+"""Layer specs: megatron-core's GPT layer specs with MoBA in the ``core_attention`` slot.
+
+    from megatron_moba.specs import get_moba_decoder_block_spec
+    block_spec = get_moba_decoder_block_spec(config)            # config: MoBATransformerConfig
+    model = GPTModel(config, block_spec, vocab_size, max_sequence_length)
+
+MoBA layers get ``MoBACoreAttention``; full-attention layers (``--moba-full-attn-layers``,
+``--moba-full-attn-layer-list``, or ``--attention full``) keep the stock core attention of
+the chosen spec: Transformer Engine's on GPU, ``FullCoreAttention`` in the local spec
+(megatron's local ``DotProductAttention`` needs CUDA).
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from .attention import FullCoreAttention, MoBACoreAttention
+from .config import MoBATransformerConfig
+
+
+def te_available() -> bool:
+    return bool(gpt_layer_specs.HAVE_TE) and torch.cuda.is_available()
+
+
+def _stock_layer_spec(config: MoBATransformerConfig, use_te: bool) -> ModuleSpec:
+    common = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
+                  qk_layernorm=config.qk_layernorm)
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization, **common)
+
+
+def _with_core_attention(layer_spec: ModuleSpec, module) -> ModuleSpec:
+    spec = copy.deepcopy(layer_spec)
+    spec.submodules.self_attention.submodules.core_attention = ModuleSpec(module=module)
+    return spec
+
+
+def get_moba_layer_specs(config: MoBATransformerConfig, use_te: Optional[bool] = None) -> list:
+    """One ``TransformerLayer`` spec per layer of the whole model (layer ``i`` is number ``i + 1``)."""
+    if not isinstance(config, MoBATransformerConfig):
+        raise TypeError("get_moba_layer_specs needs a MoBATransformerConfig (megatron_moba.config)")
+    if config.multi_latent_attention:
+        raise ValueError("MoBA layer specs support standard multi-head/GQA attention, not --multi-latent-attention")
+    use_te = te_available() if use_te is None else use_te
+    stock = _stock_layer_spec(config, use_te)
+    moba = _with_core_attention(stock, MoBACoreAttention)
+    full = stock if use_te else _with_core_attention(stock, FullCoreAttention)
+    return [moba if config.is_moba_layer(n) else full for n in range(1, config.num_layers + 1)]
+
+
+def get_moba_decoder_block_spec(config: MoBATransformerConfig, use_te: Optional[bool] = None,
+                                vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
+                                ) -> TransformerBlockSubmodules:
+    """The decoder block spec of this pipeline stage (as megatron's own block-spec builders)."""
+    specs = get_moba_layer_specs(config, use_te)
+    use_te = te_available() if use_te is None else use_te
+    if config.pipeline_model_parallel_layout is not None:
+        from megatron.core.transformer.enums import LayerType
+        local = config.pipeline_model_parallel_layout.get_layer_id_list(
+            layer_type=LayerType.decoder, vp_stage=vp_stage, pp_rank=pp_rank)
+    else:
+        offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+        local = range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank))
+    final_norm = _stock_layer_spec(config, use_te).submodules.input_layernorm
+    if use_te:   # TE fuses the input norm into linear_qkv; the block's final norm is TE's own
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+        final_norm = TESpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=False)
+    return TransformerBlockSubmodules(layer_specs=[specs[i] for i in local], layer_norm=final_norm)
