@@ -1,0 +1,161 @@
+"""Helpers for the megatron-core tests: spawn gloo process groups on CPU, build small GPTs,
+load one full set of weights into any TP/PP layout, and run training steps through
+megatron's own pipeline schedules."""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
+            use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0, normalization="RMSNorm",
+            moba_chunk_size=8, moba_topk=2, pipeline_dtype=torch.float32)
+VOCAB, SEQ = 128, 32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, outdir, fn, args, tp, pp, cp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    warnings.filterwarnings("ignore")     # megatron warns about absent TE/apex at every import
+    torch.set_num_threads(1)
+    from megatron_moba.cpu_shim import apply_cpu_shim
+    apply_cpu_shim()
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from megatron.core import parallel_state
+    parallel_state.initialize_model_parallel(tp, pp, context_parallel_size=cp)
+    try:
+        result = fn(*args)
+        torch.save(result, os.path.join(outdir, f"{rank}.pt"))
+    finally:
+        parallel_state.destroy_model_parallel()
+        dist.destroy_process_group()
+
+
+def run_distributed(fn, *args, tp=1, pp=1, cp=1):
+    """Run fn(*args) on tp*pp*cp CPU processes; returns each rank's result."""
+    world = tp * pp * cp
+    with tempfile.TemporaryDirectory() as outdir:
+        mp.spawn(_worker, args=(world, _free_port(), outdir, fn, args, tp, pp, cp), nprocs=world, join=True)
+        return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=True) for r in range(world)]
+
+
+def make_config(**overrides):
+    from megatron.core import parallel_state as ps
+    from megatron_moba.config import MoBATransformerConfig
+    kw = dict(BASE, tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
+              pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
+              context_parallel_size=ps.get_context_parallel_world_size())
+    kw.update(overrides)
+    return MoBATransformerConfig(**kw)
+
+
+def build_gpt(config, seed=1234):
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+    from megatron_moba.specs import get_moba_decoder_block_spec
+    torch.manual_seed(seed)
+    return GPTModel(config, get_moba_decoder_block_spec(config, use_te=False), vocab_size=VOCAB,
+                    max_sequence_length=SEQ, position_embedding_type="rope",
+                    share_embeddings_and_output_weights=False,
+                    pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+
+
+def _global_name(name: str, offset: int) -> str:
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(int(parts[2]) + offset)
+    return ".".join(parts)
+
+
+def load_full_weights(model, full: dict):
+    """Copy this rank's TP slice of each of its (pipeline-local) parameters from a full state dict."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    offset = get_transformer_layer_offset(model.config)
+    tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            w = full[_global_name(name, offset)]
+            if getattr(p, "tensor_model_parallel", False):
+                w = w.chunk(tp, dim=p.partition_dim)[rank]
+            p.copy_(w)
+
+
+def full_grads(model) -> dict:
+    """Gradients by global parameter name, TP shards gathered into full tensors."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+    offset = get_transformer_layer_offset(model.config)
+    group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+    out = {}
+    for name, p in model.named_parameters():
+        g = p.grad.detach().clone()
+        if getattr(p, "tensor_model_parallel", False) and tp > 1:
+            parts = [torch.empty_like(g) for _ in range(tp)]
+            dist.all_gather(parts, g.contiguous(), group=group)
+            g = torch.cat(parts, dim=p.partition_dim)
+        out[_global_name(name, offset)] = g
+    return out
+
+
+def batches(steps, micro, mbs=2, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (steps, micro, mbs, SEQ + 1), generator=g)
+    return [[dict(tokens=t[:, :-1], labels=t[:, 1:]) for t in step] for step in tokens]
+
+
+def _forward_step(data_iterator, model):
+    b = next(data_iterator)
+    pos = torch.arange(SEQ)[None].expand(b["tokens"].shape[0], -1)
+    out = model(b["tokens"], pos, attention_mask=None, labels=b["labels"])
+
+    def loss_func(output_tensor):
+        loss = output_tensor.float().mean()
+        return loss, {"lm loss": loss.detach()}
+    return out, loss_func
+
+
+def train(config_overrides, full_weights, steps=3, micro=2, lr=1e-2, cp_split=None):
+    """Run `steps` optimizer steps through megatron's schedule; returns losses (last stage)
+    and the gradients of the first step."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+    config = make_config(**config_overrides)
+    model = build_gpt(config)
+    load_full_weights(model, full_weights)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    fb = get_forward_backward_func()
+    losses, first_grads = [], None
+    for step in batches(steps, micro):
+        data = [cp_split(b) for b in step] if cp_split else step
+        opt.zero_grad()
+        out = fb(forward_step_func=_forward_step, data_iterator=iter(data), model=[model],
+                 num_microbatches=micro, seq_length=SEQ, micro_batch_size=2, forward_only=False)
+        if ps.is_pipeline_last_stage():
+            losses.append(torch.stack([o["lm loss"] for o in out]).mean().item())
+        if first_grads is None:
+            first_grads = full_grads(model)
+        opt.step()
+    return dict(losses=losses, grads=first_grads)
+
+
+def reference_weights(config_overrides=None, seed=1234):
+    """Full weights of a single-process model (run inside a 1-process group)."""
+    model = build_gpt(make_config(**(config_overrides or {})), seed)
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+
+
+def reference_run(config_overrides, steps=3, micro=2):
+    full = reference_weights(config_overrides)
+    return dict(weights=full, **train(config_overrides, full, steps, micro))
+
