@@ -68,3 +68,17 @@ def test_unsupported_input_for_a_backend_names_the_alternative(monkeypatch):
         _call(backend="picky")
     monkeypatch.setattr(api, "AUTO_ORDER", ["picky", "torch"])
     assert _call().shape == (20, 4, 8)     # automatic choice falls back to torch
+
+
+@pytest.mark.parametrize("pos,exc,text", [
+    ([0, 5], TypeError, "q_positions must be a torch.Tensor"),
+    (torch.tensor([0, 5], dtype=torch.int32), TypeError, "q_positions must have dtype torch.int64"),
+    (torch.tensor([0, 5, 6]), ValueError, "one entry per query row (2)"),
+    (torch.tensor([5, 3]), ValueError, "q_positions must be strictly ascending"),
+    (torch.tensor([3, 20]), ValueError, r"q_positions must lie in [0, 20)"),
+])
+def test_bad_q_positions(pos, exc, text):
+    q, k, v = rand_qkv(20, 4, 2, 8)
+    with pytest.raises(exc) as info:
+        moba_attn_varlen(q[:2], k, v, cu_from_lens([12, 8]), 12, 4, 2, q_positions=pos)
+    assert text in str(info.value)

@@ -31,7 +31,7 @@ def check_softmax_scale(softmax_scale, head_dim: int) -> float:
     return float(softmax_scale)
 
 
-def check_qkv(q, k, v, token_dims: int) -> None:
+def check_qkv(q, k, v, token_dims: int, same_tokens: bool = True) -> None:
     """Check q/k/v kinds, ranks, dtypes, devices and head layout.
 
     ``token_dims`` is 1 for the varlen layout ``[total, H, D]`` and 2 for the
@@ -52,7 +52,7 @@ def check_qkv(q, k, v, token_dims: int) -> None:
         raise ValueError(f"q, k and v must be on one device, got q={q.device}, k={k.device}, v={v.device}")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k={tuple(k.shape)}, v={tuple(v.shape)}")
-    if q.shape[:token_dims] != k.shape[:token_dims]:
+    if same_tokens and q.shape[:token_dims] != k.shape[:token_dims]:
         what = "total_tokens" if token_dims == 1 else "batch and seqlen"
         raise ValueError(f"q and k must agree on {what}, got q={tuple(q.shape)}, k={tuple(k.shape)}")
     if q.shape[-1] != k.shape[-1]:
@@ -94,6 +94,24 @@ def cu_seqlens_values(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen=No
     if max_seqlen is not None and max_seqlen < longest:
         raise ValueError(f"max_seqlen ({max_seqlen}) is smaller than the longest sequence in cu_seqlens ({longest})")
     return cu
+
+
+def check_q_positions(q_positions, rows: int, total_tokens: int, device: torch.device, check_values: bool):
+    """``q_positions``: int64 [rows], strictly ascending tokens of k at which the query rows sit."""
+    if not isinstance(q_positions, torch.Tensor):
+        raise TypeError(f"q_positions must be a torch.Tensor, got {type(q_positions).__name__}")
+    if q_positions.dtype != torch.int64:
+        raise TypeError(f"q_positions must have dtype torch.int64, got {q_positions.dtype}")
+    if q_positions.dim() != 1 or q_positions.numel() != rows:
+        raise ValueError(f"q_positions must be 1-D with one entry per query row ({rows}), "
+                         f"got shape {tuple(q_positions.shape)}")
+    if q_positions.device != device:
+        raise ValueError(f"q_positions must be on the device of q ({device}), got {q_positions.device}")
+    if check_values and rows:
+        if int(q_positions[0]) < 0 or int(q_positions[-1]) >= total_tokens:
+            raise ValueError(f"q_positions must lie in [0, {total_tokens}) (the tokens of k)")
+        if rows > 1 and not bool((q_positions[1:] > q_positions[:-1]).all()):
+            raise ValueError("q_positions must be strictly ascending")
 
 
 def check_backend(backend: Optional[str], available: dict) -> None:

@@ -14,7 +14,7 @@ from .naive import naive_moba_attn
 class Backend:
     """One way of computing MoBA attention.
 
-    ``attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale)``
+    ``attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_tok=None)``
     returns the output; ``unsupported(q)`` returns None or the reason this
     backend cannot serve ``q`` (dtype, head dim, device).
     """
@@ -24,17 +24,17 @@ class Backend:
         self.name, self.attend, self.unsupported, self.available = name, attend, unsupported, available
 
 
-def _reference(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale):
-    layout = block_layout(_checks.cu_seqlens_values(cu_seqlens, q.shape[0]), chunk_size, q.device)
-    sel = select_blocks(q.detach(), k.detach(), layout, topk)
-    return naive_moba_attn(q, k, v, sel, layout, softmax_scale)
+def _reference(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_tok=None):
+    layout = block_layout(_checks.cu_seqlens_values(cu_seqlens, k.shape[0]), chunk_size, q.device)
+    sel = select_blocks(q.detach(), k.detach(), layout, topk, q_tok)
+    return naive_moba_attn(q, k, v, sel, layout, softmax_scale, q_tok)
 
 
-def _torch(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale):
+def _torch(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_tok=None):
     from . import ops   # registers the custom ops on first use
-    sel = ops.select_blocks_op(q.detach(), k.detach(), cu_seqlens, chunk_size, topk)
+    sel = ops.select_blocks_op(q.detach(), k.detach(), cu_seqlens, chunk_size, topk, q_tok)
     out, _ = ops.torch_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, sel,
-                              chunk_size, softmax_scale)
+                              chunk_size, softmax_scale, q_tok)
     return out
 
 
@@ -72,7 +72,8 @@ def _pick_backend(backend: Optional[str], q: torch.Tensor) -> Backend:
     return b
 
 
-def moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, chunk_size, topk, softmax_scale=None, backend=None):
+def moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, chunk_size, topk, softmax_scale=None, backend=None, *,
+                     q_positions=None):
     """MoBA attention over packed variable-length sequences (flash-attention's varlen layout).
 
     Args:
@@ -86,21 +87,27 @@ def moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, chunk_size, topk, softmax_
             causal attention, ``topk == 1`` is block-local causal attention.
         softmax_scale: defaults to ``1 / sqrt(D)``.
         backend: ``"reference"``, ``"torch"`` or ``None`` (fastest available).
+        q_positions: optional int64 ``[Tq]``, strictly ascending: the tokens of k/v at which the
+            rows of ``q`` (then ``[Tq, Hq, D]``) sit.  For context parallelism: each rank's queries
+            are a subset of the gathered sequence, attended with their global positions.
 
     Returns:
-        ``[total_tokens, Hq, D]`` in the dtype of ``q``.
+        ``[total_tokens, Hq, D]`` (``[Tq, Hq, D]`` with ``q_positions``) in the dtype of ``q``.
     """
-    _checks.check_qkv(q, k, v, token_dims=1)
+    _checks.check_qkv(q, k, v, token_dims=1, same_tokens=q_positions is None)
     _checks.check_cu_seqlens(cu_seqlens, max_seqlen, q.device)
-    if not torch.compiler.is_compiling():   # compiled graphs check the values inside the ops
-        _checks.cu_seqlens_values(cu_seqlens, q.shape[0], max_seqlen)
+    checking = not torch.compiler.is_compiling()   # compiled graphs check the values inside the ops
+    if checking:
+        _checks.cu_seqlens_values(cu_seqlens, k.shape[0], max_seqlen)
+    if q_positions is not None:
+        _checks.check_q_positions(q_positions, q.shape[0], k.shape[0], q.device, checking)
     chunk_size = _checks.check_int("chunk_size", chunk_size)
     topk = _checks.check_int("topk", topk)
     softmax_scale = _checks.check_softmax_scale(softmax_scale, q.shape[-1])
     b = _pick_backend(backend, q)
     if q.shape[0] == 0:
         return q * 0
-    return b.attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale)
+    return b.attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_positions)
 
 
 def _batch_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:

@@ -14,6 +14,8 @@ token tiles of at most ``_SCORE_BUDGET`` elements.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .layout import BlockLayout
@@ -29,26 +31,30 @@ def block_mean_keys(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return sums / layout.block_len.to(torch.float32)[:, None, None]
 
 
-def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int) -> torch.Tensor:
-    """Selected blocks of every (token, query head).
+def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int,
+                  q_tok: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Selected blocks of every (query row, query head).
 
-    q: [T, Hq, D], k: [T, Hkv, D].  Returns int32 ``[T, Hq, topk]``: block
-    indices local to each token's sequence, ascending, the token's own block
-    always present (it is the largest), padded with -1 at the end when fewer
-    than ``topk`` blocks exist up to the token.
+    q: [Tq, Hq, D], k: [T, Hkv, D].  ``q_tok`` (int64 [Tq], ascending) gives the token of k
+    that each query row sits at; None means q covers every token (Tq == T).  Returns int32
+    ``[Tq, Hq, topk]``: block indices local to each query's sequence, ascending, the
+    query's own block always present (it is the largest), padded with -1 at the end when
+    fewer than ``topk`` blocks exist up to the query.
     """
-    total, hq, dim = q.shape
+    rows, hq, dim = q.shape
     hkv = k.shape[1]
     device = q.device
-    # Default for every token: all blocks 0..own (right when own block < topk).
+    if q_tok is None:
+        q_tok = torch.arange(rows, device=device)
+    # Default for every query: all blocks 0..own (right when own block < topk).
     slots = torch.arange(topk, device=device)                                   # [topk]
-    own = layout.token_local_block[:, None]                                     # [T, 1]
-    sel = torch.where(slots[None, :] <= own, slots[None, :], -1)                # [T, topk]
-    sel = sel[:, None, :].expand(total, hq, topk).to(torch.int32).contiguous()  # [T, Hq, topk]
+    own = layout.token_local_block[q_tok][:, None]                              # [Tq, 1]
+    if topk == 1:
+        return own[:, None, :].expand(rows, hq, 1).to(torch.int32).contiguous()
+    sel = torch.where(slots[None, :] <= own, slots[None, :], -1)                # [Tq, topk]
+    sel = sel[:, None, :].expand(rows, hq, topk).to(torch.int32).contiguous()   # [Tq, Hq, topk]
 
     nbs = layout.blocks_per_seq
-    if topk == 1:
-        return own[:, None, :].expand(total, hq, 1).to(torch.int32).contiguous()
     if topk >= max(nbs, default=0):
         return sel                      # no sequence has more blocks than topk: nothing to choose
     kmean = block_mean_keys(k, layout)                                          # [NB, Hkv, D]
@@ -59,18 +65,18 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
         start = int(layout.seq_start[s])
         first = int(layout.seq_first_block[s])
         km = kmean[first:first + nb]                                            # [nb, Hkv, D]
-        length = layout.seqlens[s]
-        # Tokens in the first `topk` blocks already have all their blocks selected.
-        lo = topk * layout.chunk_size
+        # Queries in the first `topk` blocks already have all their blocks selected.
+        bounds = torch.tensor([start + topk * layout.chunk_size, start + layout.seqlens[s]], device=device)
+        r0, r1 = torch.searchsorted(q_tok, bounds).tolist()
         tile = max(1, _SCORE_BUDGET // (hq * nb))
-        for t0 in range(lo, length, tile):
-            t1 = min(length, t0 + tile)
-            qt = q[start + t0:start + t1].float().view(t1 - t0, hkv, group, dim)
+        for t0 in range(r0, r1, tile):
+            t1 = min(r1, t0 + tile)
+            qt = q[t0:t1].float().view(t1 - t0, hkv, group, dim)
             scores = torch.einsum("nhgd,bhd->nhgb", qt, km).reshape(t1 - t0, hq, nb)
-            own_t = layout.token_local_block[start + t0:start + t1]             # [n]
+            own_t = own[t0:t1, 0]                                               # [n]
             past = torch.arange(nb, device=device)[None, :] < own_t[:, None]    # [n, nb]
             scores = scores.masked_fill(~past[:, None, :], float("-inf"))
             best = torch.topk(scores, topk - 1, dim=-1).indices                 # [n, Hq, topk-1]
             chosen = torch.cat([best, own_t[:, None, None].expand(-1, hq, 1)], dim=-1)
-            sel[start + t0:start + t1] = torch.sort(chosen, dim=-1).values.to(torch.int32)
+            sel[t0:t1] = torch.sort(chosen, dim=-1).values.to(torch.int32)
     return sel

@@ -11,40 +11,44 @@ import torch
 from .layout import BlockLayout
 
 
-def selection_mask(sel: torch.Tensor, token_block: torch.Tensor, num_blocks: int) -> torch.Tensor:
+def selection_mask(sel: torch.Tensor, q_pos: torch.Tensor, key_block: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """Dense MoBA mask of one sequence.
 
-    sel: [L, Hq, topk] local selected blocks (-1 = none), token_block: [L]
-    local block of each position.  Returns bool [Hq, L(query), L(key)]:
-    key s is visible to query t in head h iff block(s) is selected by (t, h)
-    and s <= t.
+    sel: [Lq, Hq, topk] local selected blocks (-1 = none) of queries at positions
+    ``q_pos`` [Lq]; key_block: [L] block of each key position.  Returns bool
+    [Hq, Lq, L]: key s is visible to query t in head h iff block(s) is selected
+    by (t, h) and s <= pos(t).
     """
-    length, hq, _ = sel.shape
-    chosen = torch.zeros(length, hq, num_blocks + 1, dtype=torch.bool, device=sel.device)
+    lq, hq, _ = sel.shape
+    chosen = torch.zeros(lq, hq, num_blocks + 1, dtype=torch.bool, device=sel.device)
     chosen.scatter_(2, torch.where(sel < 0, num_blocks, sel).long(), True)      # slot NB soaks up -1
-    visible = chosen[:, :, token_block]                                          # [L, Hq, L]
-    pos = torch.arange(length, device=sel.device)
-    causal = pos[None, :] <= pos[:, None]                                        # [L, L]
+    visible = chosen[:, :, key_block]                                            # [Lq, Hq, L]
+    key_pos = torch.arange(key_block.shape[0], device=sel.device)
+    causal = key_pos[None, :] <= q_pos[:, None]                                  # [Lq, L]
     return (visible & causal[:, None, :]).permute(1, 0, 2)
 
 
-def naive_moba_attn(q, k, v, sel, layout: BlockLayout, softmax_scale: float) -> torch.Tensor:
-    """q: [T, Hq, D], k/v: [T, Hkv, D], sel: [T, Hq, topk] -> out [T, Hq, D] (dtype of q)."""
+def naive_moba_attn(q, k, v, sel, layout: BlockLayout, softmax_scale: float, q_tok=None) -> torch.Tensor:
+    """q: [Tq, Hq, D] at tokens ``q_tok`` (ascending; None = every token), k/v: [T, Hkv, D],
+    sel: [Tq, Hq, topk] -> out [Tq, Hq, D] (dtype of q)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = q.shape[1] // k.shape[1]
+    if q_tok is None:
+        q_tok = torch.arange(q.shape[0], device=q.device)
     outs = []
     for s, length in enumerate(layout.seqlens):
-        if length == 0:
-            continue
         a = int(layout.seq_start[s])
-        qs = q[a:a + length].to(compute).transpose(0, 1)                                   # [Hq, L, D]
+        r0, r1 = torch.searchsorted(q_tok, torch.tensor([a, a + length], device=q.device)).tolist()
+        if r1 == r0:
+            continue
+        qs = q[r0:r1].to(compute).transpose(0, 1)                                          # [Hq, Lq, D]
         ks = k[a:a + length].to(compute).repeat_interleave(group, dim=1).transpose(0, 1)  # [Hq, L, D]
         vs = v[a:a + length].to(compute).repeat_interleave(group, dim=1).transpose(0, 1)
         blocks = layout.token_local_block[a:a + length]
-        mask = selection_mask(sel[a:a + length], blocks, int(blocks[-1]) + 1)            # [Hq, L, L]
+        mask = selection_mask(sel[r0:r1], q_tok[r0:r1] - a, blocks, int(blocks[-1]) + 1)  # [Hq, Lq, L]
         scores = (qs @ ks.transpose(1, 2)) * softmax_scale
         probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-        outs.append((probs @ vs).transpose(0, 1))                                        # [L, Hq, D]
+        outs.append((probs @ vs).transpose(0, 1))                                        # [Lq, Hq, D]
     if not outs:
         return q * 0                                   # no tokens: keep the autograd graph
     return torch.cat(outs, dim=0).to(q.dtype)

@@ -101,14 +101,14 @@ def _diag_bwd(dob, qb, kb, vb, ob, lseb, scale):
 
 
 # ---------------------------------------------------------------- earlier blocks
-def _past_groups(sel: torch.Tensor, layout: BlockLayout, hkv: int):
+def _past_groups(sel: torch.Tensor, layout: BlockLayout, hkv: int, q_tok: torch.Tensor):
     """Yield (block, kv_head, pairs) for every (global block, kv head) chosen as an earlier
-    block; ``pairs`` are flat indices into ``[T, Hq, topk]``, row = pair // topk."""
-    total, hq, topk = sel.shape
+    block; ``pairs`` are flat indices into ``[Tq, Hq, topk]``, query row = pair // topk."""
+    rows, hq, topk = sel.shape
     device = sel.device
     s64 = sel.long()
-    earlier = (s64 >= 0) & (s64 != layout.token_local_block[:, None, None])
-    gblock = s64 + layout.seq_first_block[layout.token_seq][:, None, None]
+    earlier = (s64 >= 0) & (s64 != layout.token_local_block[q_tok][:, None, None])
+    gblock = s64 + layout.seq_first_block[layout.token_seq[q_tok]][:, None, None]
     kvh = torch.arange(hq, device=device) // (hq // hkv)
     group = (gblock * hkv + kvh[None, :, None]).flatten()
     pairs = torch.nonzero(earlier.flatten()).squeeze(1)
@@ -124,62 +124,88 @@ def _past_groups(sel: torch.Tensor, layout: BlockLayout, hkv: int):
                 yield blk, h, chunk[a:a + step]
 
 
-def _blocked_kv(k, v, layout: BlockLayout):
-    """Compute dtype, block slot positions [NB, C], their validity, and K/V as [NB, C, Hkv, D]."""
-    ct = _compute_dtype(k)
-    pos = _block_positions(layout)
-    return ct, pos, pos >= 0, _pack(k, pos, ct), _pack(v, pos, ct)
+class _Blocked:
+    """K/V cut into zero-padded blocks, and where each query row sits among the blocks
+    that hold at least one query (only those need the own-block pass)."""
+
+    def __init__(self, k, v, layout: BlockLayout, q_tok: torch.Tensor):
+        self.ct = _compute_dtype(k)
+        pos = _block_positions(layout)
+        self.kb, self.vb = _pack(k, pos, self.ct), _pack(v, pos, self.ct)         # [NB, C, Hkv, D]
+        qblock = layout.token_block[q_tok]                                         # [Tq]
+        self.touched = torch.unique(qblock)                                        # [nt] ascending
+        self.tidx = torch.searchsorted(self.touched, qblock)                       # [Tq] -> 0..nt-1
+        self.slot = q_tok - layout.block_start[qblock]                             # [Tq] position in block
+        self.real = pos >= 0
+        self.chunk = layout.chunk_size
+
+    def pack_rows(self, x):
+        """[Tq, H, ...] query-row tensor -> [nt, C, H, ...] (zeros where no query sits)."""
+        out = x.new_zeros(self.touched.numel(), self.chunk, *x.shape[1:], dtype=self.ct)
+        out[self.tidx, self.slot] = x.to(self.ct)
+        return out
+
+    def unpack_rows(self, xb):
+        return xb[self.tidx, self.slot]
 
 
-def moba_fwd(q, k, v, sel, layout: BlockLayout, softmax_scale: float):
-    """q: [T, Hq, D], k/v: [T, Hkv, D], sel: [T, Hq, topk] (from gate.select_blocks).
+def _rows(q, q_tok):
+    return torch.arange(q.shape[0], device=q.device) if q_tok is None else q_tok
 
-    Returns out [T, Hq, D] (dtype of q) and lse [T, Hq] (fp32; fp64 for fp64 inputs).
+
+def moba_fwd(q, k, v, sel, layout: BlockLayout, softmax_scale: float, q_tok=None):
+    """q: [Tq, Hq, D] at tokens ``q_tok`` of k (ascending; None = every token),
+    k/v: [T, Hkv, D], sel: [Tq, Hq, topk] (from gate.select_blocks).
+
+    Returns out [Tq, Hq, D] (dtype of q) and lse [Tq, Hq] (fp32; fp64 for fp64 inputs).
     """
-    total, hq, dim = q.shape
+    rows, hq, dim = q.shape
     hkv, topk = k.shape[1], sel.shape[2]
-    ct, pos, real, kb, vb = _blocked_kv(k, v, layout)
-    diag_out, diag_lse = _diag_fwd(_pack(q, pos, ct), kb, vb, softmax_scale)
-    diag_out, diag_lse = diag_out[real], diag_lse[real]                            # [T, Hq, D], [T, Hq]
+    q_tok = _rows(q, q_tok)
+    b = _Blocked(k, v, layout, q_tok)
+    diag_out, diag_lse = _diag_fwd(b.pack_rows(q), b.kb[b.touched], b.vb[b.touched], softmax_scale)
+    diag_out, diag_lse = b.unpack_rows(diag_out), b.unpack_rows(diag_lse)          # [Tq, Hq, D], [Tq, Hq]
 
-    qs = q.reshape(-1, dim).to(ct) * softmax_scale                                 # [T*Hq, D]
-    part_out = torch.zeros(total * hq * topk, dim, dtype=ct, device=q.device)
-    part_lse = torch.full((total * hq * topk,), float("-inf"), dtype=ct, device=q.device)
-    for blk, h, pairs in _past_groups(sel, layout, hkv):
-        s = qs[pairs // topk] @ kb[blk, :, h].T                                      # [n, C]
+    qs = q.reshape(-1, dim).to(b.ct) * softmax_scale                               # [Tq*Hq, D]
+    part_out = torch.zeros(rows * hq * topk, dim, dtype=b.ct, device=q.device)
+    part_lse = torch.full((rows * hq * topk,), float("-inf"), dtype=b.ct, device=q.device)
+    for blk, h, pairs in _past_groups(sel, layout, hkv, q_tok):
+        s = qs[pairs // topk] @ b.kb[blk, :, h].T                                    # [n, C]
         m = s.amax(dim=-1, keepdim=True)
         p = torch.exp_(s.sub_(m))
         denom = p.sum(dim=-1, keepdim=True)
-        part_out[pairs] = (p @ vb[blk, :, h]).div_(denom)
+        part_out[pairs] = (p @ b.vb[blk, :, h]).div_(denom)
         part_lse[pairs] = (m + torch.log(denom)).squeeze(-1)
-    all_lse = torch.cat([part_lse.view(total, hq, topk), diag_lse[..., None]], dim=-1)  # [T, Hq, topk+1]
-    lse = torch.logsumexp(all_lse, dim=-1)                                          # [T, Hq]
+    all_lse = torch.cat([part_lse.view(rows, hq, topk), diag_lse[..., None]], dim=-1)  # [Tq, Hq, topk+1]
+    lse = torch.logsumexp(all_lse, dim=-1)                                          # [Tq, Hq]
     w = torch.exp(all_lse - lse[..., None])
-    out = torch.einsum("ths,thsd->thd", w[..., :topk], part_out.view(total, hq, topk, dim))
+    out = torch.einsum("ths,thsd->thd", w[..., :topk], part_out.view(rows, hq, topk, dim))
     out = out + w[..., topk:] * diag_out
     return out.to(q.dtype), lse
 
 
-def moba_bwd(dout, q, k, v, out, lse, sel, layout: BlockLayout, softmax_scale: float):
-    """Gradients of ``moba_fwd``: returns dq, dk, dv in the input dtypes."""
-    total, hq, dim = q.shape
+def moba_bwd(dout, q, k, v, out, lse, sel, layout: BlockLayout, softmax_scale: float, q_tok=None):
+    """Gradients of ``moba_fwd``: returns dq [Tq, Hq, D], dk, dv [T, Hkv, D] in the input dtypes."""
+    rows, hq, dim = q.shape
     hkv, topk = k.shape[1], sel.shape[2]
-    ct, pos, real, kb, vb = _blocked_kv(k, v, layout)
-    dqb, dkb, dvb = _diag_bwd(_pack(dout, pos, ct), _pack(q, pos, ct), kb, vb, _pack(out, pos, ct),
-                              _pack(lse, pos, ct), softmax_scale)
-    dq = dqb[real].reshape(-1, dim).clone()                                       # [T*Hq, D]
-    dkb, dvb = dkb.contiguous(), dvb.contiguous()
+    q_tok = _rows(q, q_tok)
+    b = _Blocked(k, v, layout, q_tok)
+    dqb, dkt, dvt = _diag_bwd(b.pack_rows(dout), b.pack_rows(q), b.kb[b.touched], b.vb[b.touched],
+                              b.pack_rows(out), b.pack_rows(lse), softmax_scale)
+    dq = b.unpack_rows(dqb).reshape(-1, dim).clone()                               # [Tq*Hq, D]
+    dkb, dvb = torch.zeros_like(b.kb), torch.zeros_like(b.vb)
+    dkb[b.touched], dvb[b.touched] = dkt, dvt
 
-    qs = q.reshape(-1, dim).to(ct) * softmax_scale
-    do = dout.reshape(-1, dim).to(ct)
-    lse_r = lse.reshape(-1).to(ct)
-    delta = (do * out.reshape(-1, dim).to(ct)).sum(-1)                              # [T*Hq]
-    for blk, h, pairs in _past_groups(sel, layout, hkv):
-        rows = pairs // topk
-        kt, vt, dot = kb[blk, :, h], vb[blk, :, h], do[rows]
-        p = torch.exp_((qs[rows] @ kt.T).sub_(lse_r[rows, None]))                    # [n, C]
+    qs = q.reshape(-1, dim).to(b.ct) * softmax_scale
+    do = dout.reshape(-1, dim).to(b.ct)
+    lse_r = lse.reshape(-1).to(b.ct)
+    delta = (do * out.reshape(-1, dim).to(b.ct)).sum(-1)                            # [Tq*Hq]
+    for blk, h, pairs in _past_groups(sel, layout, hkv, q_tok):
+        r = pairs // topk
+        kt, vt, dot = b.kb[blk, :, h], b.vb[blk, :, h], do[r]
+        p = torch.exp_((qs[r] @ kt.T).sub_(lse_r[r, None]))                          # [n, C]
         dvb[blk, :, h] += p.T @ dot
-        ds = p.mul_((dot @ vt.T).sub_(delta[rows, None]))                            # w.r.t. scaled scores
-        dq.index_add_(0, rows, (ds @ kt).mul_(softmax_scale))
-        dkb[blk, :, h] += ds.T @ qs[rows]
-    return (dq.view(total, hq, dim).to(q.dtype), dkb[real].to(k.dtype), dvb[real].to(v.dtype))
+        ds = p.mul_((dot @ vt.T).sub_(delta[r, None]))                               # w.r.t. scaled scores
+        dq.index_add_(0, r, (ds @ kt).mul_(softmax_scale))
+        dkb[blk, :, h] += ds.T @ qs[r]
+    return (dq.view(rows, hq, dim).to(q.dtype), dkb[b.real].to(k.dtype), dvb[b.real].to(v.dtype))
