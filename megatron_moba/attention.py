@@ -17,6 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 from moba_kernels import moba_attn_varlen
 
 from .config import MoBATransformerConfig
+from .context_parallel import gather_sequence
 from .layouts import from_varlen, to_varlen
 
 
@@ -35,8 +36,13 @@ class _VarlenCoreAttention(MegatronModule):
         if dropout:
             raise ValueError(f"MoBA attention layers have no attention dropout: set --attention-dropout 0 "
                              f"(got {dropout})")
+        self.cp_group = None
         if config.context_parallel_size > 1:
-            raise ValueError("--context-parallel-size > 1 is not supported by the MoBA core attention yet")
+            cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+            if cp is None:
+                from megatron.core import parallel_state
+                cp = parallel_state.get_context_parallel_group()
+            self.cp_group = cp
         self.layer_number = layer_number
         self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
 
@@ -46,10 +52,27 @@ class _VarlenCoreAttention(MegatronModule):
         if attention_bias is not None:
             raise ValueError(f"{type(self).__name__} does not take an attention_bias")
         v = to_varlen(query, key, value, packed_seq_params)
-        return from_varlen(self._attend(v), v)
+        if self.cp_group is None:
+            out = self._attend(v.q, v.k, v.v, v.cu_seqlens, v.max_seqlen, None)
+        else:
+            cu, max_seqlen = _global_cu_seqlens(v, self.cp_group.size())
+            cu_list = cu.tolist()
+            k, q_tok = gather_sequence(v.k, cu_list, self.cp_group)
+            val, _ = gather_sequence(v.v, cu_list, self.cp_group)
+            out = self._attend(v.q, k, val, cu, max_seqlen, q_tok)
+        return from_varlen(out, v)
 
-    def _attend(self, v):
+    def _attend(self, q, k, v, cu_seqlens, max_seqlen, q_positions):
         raise NotImplementedError
+
+
+def _global_cu_seqlens(v, cp: int):
+    """cu_seqlens of the whole (unsplit) sequences: thd params already carry them; for sbhd each
+    of the b sequences is cp times the local length."""
+    if v.sbhd is None:
+        return v.cu_seqlens, v.max_seqlen
+    s, b = v.sbhd
+    return torch.arange(b + 1, dtype=torch.int32, device=v.q.device) * (s * cp), s * cp
 
 
 class MoBACoreAttention(_VarlenCoreAttention):
@@ -60,15 +83,15 @@ class MoBACoreAttention(_VarlenCoreAttention):
             raise TypeError("MoBACoreAttention needs a MoBATransformerConfig (megatron_moba.config)")
         super().__init__(config, *args, **kwargs)
 
-    def _attend(self, v):
+    def _attend(self, q, k, v, cu_seqlens, max_seqlen, q_positions):
         c = self.config
-        return moba_attn_varlen(v.q, v.k, v.v, v.cu_seqlens, v.max_seqlen, c.moba_chunk_size, c.moba_topk,
-                                softmax_scale=self.softmax_scale, backend=c.moba_backend)
+        return moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, c.moba_chunk_size, c.moba_topk,
+                                softmax_scale=self.softmax_scale, backend=c.moba_backend, q_positions=q_positions)
 
 
 class FullCoreAttention(_VarlenCoreAttention):
     """Exact causal attention: MoBA with one block per sequence (chunk >= max_seqlen, topk = 1)."""
 
-    def _attend(self, v):
-        return moba_attn_varlen(v.q, v.k, v.v, v.cu_seqlens, v.max_seqlen, max(1, v.max_seqlen), 1,
-                                softmax_scale=self.softmax_scale, backend="torch")
+    def _attend(self, q, k, v, cu_seqlens, max_seqlen, q_positions):
+        return moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, max(1, max_seqlen), 1,
+                                softmax_scale=self.softmax_scale, backend="torch", q_positions=q_positions)

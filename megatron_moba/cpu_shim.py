@@ -7,7 +7,9 @@ megatron-core assumes CUDA in a few places that matter for small CPU runs over g
   buffers and p2p shape tensors);
 * ``torch.cuda.synchronize()`` is a no-op (dist_checkpointing and p2p call it);
 * the pipeline schedules create their token counter with ``device="cuda"``: the schedules
-  module sees a ``torch`` whose ``zeros`` maps ``device="cuda"`` to the CPU.
+  module sees a ``torch`` whose ``zeros`` maps ``device="cuda"`` to the CPU;
+* RoPE's context-parallel slicing (``get_pos_emb_on_this_cp_rank``) builds its index in
+  pinned memory and calls ``.cuda()``: replaced by the same slicing with a CPU index.
 
 What the shim does *not* cover is avoided by the callers instead: no
 ``model_parallel_cuda_manual_seed`` (CUDA RNG tracker), torch ``AdamW`` instead of
@@ -39,6 +41,17 @@ class _CpuZerosTorch(types.ModuleType):
         return torch.zeros(*args, **kwargs)
 
 
+def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
+    """megatron's load-balanced RoPE slice (chunks r and 2cp-1-r), with a CPU index."""
+    if cp_group is None:
+        raise ValueError("cp_group must be provided to get positional embedding per CP rank")
+    cp, r = cp_group.size(), cp_group.rank()
+    idx = torch.tensor([r, 2 * cp - r - 1], device=pos_emb.device)
+    emb = pos_emb.view(*pos_emb.shape[:seq_dim], 2 * cp, -1, *pos_emb.shape[seq_dim + 1:])
+    emb = emb.index_select(seq_dim, idx)
+    return emb.view(*emb.shape[:seq_dim], -1, *emb.shape[seq_dim + 2:])
+
+
 def apply_cpu_shim() -> bool:
     """Apply the shim if CUDA is unavailable; returns whether it is active. Idempotent."""
     global _APPLIED
@@ -49,5 +62,8 @@ def apply_cpu_shim() -> bool:
         torch.cuda.synchronize = lambda *args, **kwargs: None
         from megatron.core.pipeline_parallel import schedules
         schedules.torch = _CpuZerosTorch()
+        from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
+        rope_utils.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
+        rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
         _APPLIED = True
     return True

@@ -116,18 +116,31 @@ def batches(steps, micro, mbs=2, seed=7):
 
 def _forward_step(data_iterator, model):
     b = next(data_iterator)
-    pos = torch.arange(SEQ)[None].expand(b["tokens"].shape[0], -1)
+    pos = torch.arange(b["tokens"].shape[1])[None].expand(b["tokens"].shape[0], -1)
     out = model(b["tokens"], pos, attention_mask=None, labels=b["labels"])
 
-    def loss_func(output_tensor):
-        loss = output_tensor.float().mean()
-        return loss, {"lm loss": loss.detach()}
+    def loss_func(output_tensor):      # (sum, tokens, report): the schedule divides by the token count
+        total = output_tensor.float().sum()
+        tokens = torch.tensor(output_tensor.numel(), dtype=torch.int)
+        return total, tokens, {"lm loss": (total / tokens).detach().clone()}
     return out, loss_func
 
 
-def train(config_overrides, full_weights, steps=3, micro=2, lr=1e-2, cp_split=None):
+def cp_local(batch):
+    """This CP rank's part of a micro-batch: chunks r and 2cp-1-r of every sequence."""
+    from megatron.core import parallel_state as ps
+    cp, r = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
+
+    def split(x):
+        chunks = x.view(x.shape[0], 2 * cp, -1)
+        return torch.cat([chunks[:, r], chunks[:, 2 * cp - 1 - r]], dim=1)
+    return {k: split(v) for k, v in batch.items()}
+
+
+def train(config_overrides, full_weights, steps=3, micro=2, lr=1e-2):
     """Run `steps` optimizer steps through megatron's schedule; returns losses (last stage)
-    and the gradients of the first step."""
+    and the gradients of the first step.  Under CP, losses and gradients are averaged over
+    the CP group (each rank's loss is the mean over its own tokens), as megatron's DDP does."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
     config = make_config(**config_overrides)
@@ -136,13 +149,22 @@ def train(config_overrides, full_weights, steps=3, micro=2, lr=1e-2, cp_split=No
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     fb = get_forward_backward_func()
     losses, first_grads = [], None
+    cp, cp_group = ps.get_context_parallel_world_size(), ps.get_context_parallel_group()
     for step in batches(steps, micro):
-        data = [cp_split(b) for b in step] if cp_split else step
+        data = [cp_local(b) for b in step] if cp > 1 else step
         opt.zero_grad()
         out = fb(forward_step_func=_forward_step, data_iterator=iter(data), model=[model],
-                 num_microbatches=micro, seq_length=SEQ, micro_batch_size=2, forward_only=False)
+                 num_microbatches=micro, seq_length=SEQ // cp, micro_batch_size=2, forward_only=False)
+        if cp > 1:
+            for p in model.parameters():
+                dist.all_reduce(p.grad, group=cp_group)
+                p.grad /= cp
         if ps.is_pipeline_last_stage():
-            losses.append(torch.stack([o["lm loss"] for o in out]).mean().item())
+            loss = torch.stack([o["lm loss"] for o in out]).mean()
+            if cp > 1:
+                dist.all_reduce(loss, group=cp_group)
+                loss /= cp
+            losses.append(loss.item())
         if first_grads is None:
             first_grads = full_grads(model)
         opt.step()

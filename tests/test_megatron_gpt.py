@@ -113,6 +113,19 @@ def test_pipeline_parallel_2_matches_single_process(reference):
         assert _rel(g, reference["grads"][name]) < 1e-4, name
 
 
+@pytest.mark.parametrize("chunk", [8, 6])   # CP chunks are 8 tokens (SEQ 32, 2*cp = 4): aligned and not
+def test_context_parallel_2_matches_single_process(chunk):
+    over = dict(moba_chunk_size=chunk)
+    ref = mc.run_distributed(mc.reference_run, over)[0]
+    for run in mc.run_distributed(mc.train, over, ref["weights"], cp=2):
+        _assert_same_run(run, ref)
+
+
+def test_tensor_and_context_parallel_2x2_match_single_process(reference):
+    for run in mc.run_distributed(mc.train, {}, reference["weights"], tp=2, cp=2):
+        _assert_same_run(run, reference)
+
+
 # ---------------------------------------------------------------- bad configurations
 @pytest.mark.parametrize("over,flag", [
     (dict(moba_topk=0), "--moba-topk"),
