@@ -32,6 +32,9 @@ def _stock_layer_spec(config: MoBATransformerConfig, use_te: bool) -> ModuleSpec
     common = dict(num_experts=config.num_moe_experts, moe_grouped_gemm=config.moe_grouped_gemm,
                   qk_layernorm=config.qk_layernorm)
     if use_te:
+        if not gpt_layer_specs.HAVE_TE:
+            raise ValueError("use_te=True needs Transformer Engine (pip install -e '.[gpu]', or NVIDIA's "
+                             "PyTorch container); use_te=False builds the local (CPU-capable) spec")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization, **common)
 

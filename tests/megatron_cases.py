@@ -60,14 +60,10 @@ def make_config(**overrides):
 
 
 def build_gpt(config, seed=1234):
-    from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
-    from megatron_moba.specs import get_moba_decoder_block_spec
+    from megatron_moba import build_moba_gpt
     torch.manual_seed(seed)
-    return GPTModel(config, get_moba_decoder_block_spec(config, use_te=False), vocab_size=VOCAB,
-                    max_sequence_length=SEQ, position_embedding_type="rope",
-                    share_embeddings_and_output_weights=False,
-                    pre_process=ps.is_pipeline_first_stage(), post_process=ps.is_pipeline_last_stage())
+    return build_moba_gpt(config, vocab_size=VOCAB, seq_length=SEQ, use_te=False,
+                          share_embeddings_and_output_weights=False)
 
 
 def _global_name(name: str, offset: int) -> str:

@@ -145,8 +145,54 @@ def test_bad_config_names_the_flag(over, flag):
 
 
 def test_seq_length_must_divide_by_twice_cp():
-    from megatron_moba.config import MoBATransformerConfig, check_seq_length
+    from megatron_moba import MoBATransformerConfig, build_moba_gpt
+    from megatron_moba.config import check_seq_length
     cfg = MoBATransformerConfig(**dict(mc.BASE, context_parallel_size=2))
     with pytest.raises(ValueError, match=r"--seq-length \(30\) must be divisible by 2 x --context-parallel-size"):
-        check_seq_length(cfg, 30)
+        build_moba_gpt(cfg, vocab_size=mc.VOCAB, seq_length=30)      # fails before touching parallel state
     check_seq_length(cfg, 32)
+
+
+def test_context_parallel_rejects_sequences_it_cannot_split():
+    from megatron_moba.context_parallel import cp_token_index
+    with pytest.raises(ValueError, match="divisible by 2 x --context-parallel-size"):
+        cp_token_index([0, 12, 18], cp=2, rank=0)
+    assert cp_token_index([0, 8, 16], cp=2, rank=1).tolist() == [2, 3, 4, 5, 10, 11, 12, 13]
+
+
+def _packed_cp(weights):
+    """Packed THD documents under CP=2: each rank's logits at its global tokens."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.packed_seq_params import PackedSeqParams
+    from megatron_moba.context_parallel import cp_token_index
+    model = mc.build_gpt(mc.make_config())
+    mc.load_full_weights(model, weights)
+    lens = [12, 4, 16]
+    cu_list = [0, 12, 16, 32]
+    cu = torch.tensor(cu_list, dtype=torch.int32)
+    tokens = torch.randint(0, mc.VOCAB, (1, 32), generator=torch.Generator().manual_seed(8))
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=16, max_seqlen_kv=16)
+    cp = ps.get_context_parallel_world_size()
+    mine = cp_token_index(cu_list, cp, ps.get_context_parallel_rank()) if cp > 1 else torch.arange(32)
+    pos = torch.cat([torch.arange(n) for n in lens])[None]
+    logits = model(tokens[:, mine], pos[:, mine], attention_mask=None, packed_seq_params=params)
+    return mine, logits.detach()
+
+
+def test_packed_thd_under_context_parallel_matches_single_process(reference):
+    _, full = mc.run_distributed(_packed_cp, reference["weights"])[0]
+    for mine, local in mc.run_distributed(_packed_cp, reference["weights"], cp=2):
+        assert _rel(local, full[:, mine]) < 1e-5
+
+
+def test_spec_choice_without_transformer_engine():
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron_moba import MoBATransformerConfig, get_moba_layer_specs
+    from megatron_moba.attention import FullCoreAttention, MoBACoreAttention
+    cfg = MoBATransformerConfig(**dict(mc.BASE, num_layers=4, moba_full_attn_layers=2))
+    specs = get_moba_layer_specs(cfg, use_te=False)
+    cores = [s.submodules.self_attention.submodules.core_attention.module for s in specs]
+    assert cores == [MoBACoreAttention, MoBACoreAttention, FullCoreAttention, FullCoreAttention]
+    if not gpt_layer_specs.HAVE_TE:
+        with pytest.raises(ValueError, match="use_te=True needs Transformer Engine"):
+            get_moba_layer_specs(cfg, use_te=True)
