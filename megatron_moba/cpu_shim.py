@@ -8,6 +8,9 @@ megatron-core assumes CUDA in a few places that matter for small CPU runs over g
 * ``torch.cuda.synchronize()`` is a no-op (dist_checkpointing and p2p call it);
 * the pipeline schedules create their token counter with ``device="cuda"``: the schedules
   module sees a ``torch`` whose ``zeros`` maps ``device="cuda"`` to the CPU;
+* the model-parallel RNG tracker (``get_cuda_rng_tracker().fork()``, entered around dropout
+  under sequence/tensor parallelism) keeps CUDA generator states: on CPU its ``fork`` runs on
+  the default CPU generator instead;
 * RoPE's context-parallel slicing (``get_pos_emb_on_this_cp_rank``) builds its index in
   pinned memory and calls ``.cuda()``: replaced by the same slicing with a CPU index.
 
@@ -18,6 +21,7 @@ layers in place of the local ``DotProductAttention`` (CUDA memory buffer).
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -62,6 +66,8 @@ def apply_cpu_shim() -> bool:
         torch.cuda.synchronize = lambda *args, **kwargs: None
         from megatron.core.pipeline_parallel import schedules
         schedules.torch = _CpuZerosTorch()
+        from megatron.core.tensor_parallel import random as tp_random
+        tp_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
         from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
         rope_utils.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
         rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank

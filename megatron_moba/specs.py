@@ -39,6 +39,32 @@ def _stock_layer_spec(config: MoBATransformerConfig, use_te: bool) -> ModuleSpec
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization, **common)
 
 
+class SequenceParallelTorchNorm:
+    """torch's LayerNorm/RMSNorm for the local spec under --sequence-parallel.
+
+    megatron's ``WrappedTorchNorm`` refuses sequence parallelism; the norm itself is the same
+    per token, only its weight gradients are partial per TP rank, so the parameters are
+    marked ``sequence_parallel`` for megatron's grad finalization to all-reduce (as its
+    fused norms do)."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
+        if config.normalization not in norms:
+            raise ValueError(f"--normalization {config.normalization} is not supported by the local spec "
+                             f"with --sequence-parallel; use LayerNorm or RMSNorm")
+        norm = norms[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def _local_sp_norms(spec: ModuleSpec) -> ModuleSpec:
+    spec = copy.deepcopy(spec)
+    spec.submodules.input_layernorm = SequenceParallelTorchNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    return spec
+
+
 def _with_core_attention(layer_spec: ModuleSpec, module) -> ModuleSpec:
     spec = copy.deepcopy(layer_spec)
     spec.submodules.self_attention.submodules.core_attention = ModuleSpec(module=module)
@@ -53,6 +79,8 @@ def get_moba_layer_specs(config: MoBATransformerConfig, use_te: Optional[bool] =
         raise ValueError("MoBA layer specs support standard multi-head/GQA attention, not --multi-latent-attention")
     use_te = te_available() if use_te is None else use_te
     stock = _stock_layer_spec(config, use_te)
+    if config.sequence_parallel and not use_te:
+        stock = _local_sp_norms(stock)
     moba = _with_core_attention(stock, MoBACoreAttention)
     full = stock if use_te else _with_core_attention(stock, FullCoreAttention)
     return [moba if config.is_moba_layer(n) else full for n in range(1, config.num_layers + 1)]
@@ -72,6 +100,8 @@ def get_moba_decoder_block_spec(config: MoBATransformerConfig, use_te: Optional[
         offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
         local = range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank))
     final_norm = _stock_layer_spec(config, use_te).submodules.input_layernorm
+    if config.sequence_parallel and not use_te:
+        final_norm = SequenceParallelTorchNorm
     if use_te:   # TE fuses the input norm into linear_qkv; the block's final norm is TE's own
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
         final_norm = TESpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=False)

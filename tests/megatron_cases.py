@@ -151,8 +151,10 @@ def train(config_overrides, full_weights, steps=3, micro=2, lr=1e-2):
         opt.zero_grad()
         out = fb(forward_step_func=_forward_step, data_iterator=iter(data), model=[model],
                  num_microbatches=micro, seq_length=SEQ // cp, micro_batch_size=2, forward_only=False)
-        if cp > 1:
-            for p in model.parameters():
+        for p in model.parameters():   # what megatron's finalize_model_grads / DDP would do
+            if getattr(p, "sequence_parallel", False):
+                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
+            if cp > 1:
                 dist.all_reduce(p.grad, group=cp_group)
                 p.grad /= cp
         if ps.is_pipeline_last_stage():

@@ -104,6 +104,11 @@ def test_tensor_parallel_2_matches_single_process(reference):
         _assert_same_run(run, reference)
 
 
+def test_tensor_and_sequence_parallel_2_matches_single_process(reference):
+    for run in mc.run_distributed(mc.train, {"sequence_parallel": True}, reference["weights"], tp=2):
+        _assert_same_run(run, reference)
+
+
 def test_pipeline_parallel_2_matches_single_process(reference):
     runs = mc.run_distributed(mc.train, {}, reference["weights"], pp=2)
     last = runs[-1]
