@@ -17,7 +17,7 @@ from megatron.core.transformer.module import MegatronModule
 from moba_kernels import moba_attn_varlen
 
 from .config import MoBATransformerConfig
-from .context_parallel import gather_sequence
+from .context_parallel import SequenceGather
 from .layouts import from_varlen, to_varlen
 
 
@@ -56,10 +56,8 @@ class _VarlenCoreAttention(MegatronModule):
             out = self._attend(v.q, v.k, v.v, v.cu_seqlens, v.max_seqlen, None)
         else:
             cu, max_seqlen = _global_cu_seqlens(v, self.cp_group.size())
-            cu_list = cu.tolist()
-            k, q_tok = gather_sequence(v.k, cu_list, self.cp_group)
-            val, _ = gather_sequence(v.v, cu_list, self.cp_group)
-            out = self._attend(v.q, k, val, cu, max_seqlen, q_tok)
+            gather = SequenceGather(cu.tolist(), self.cp_group, v.q.device)
+            out = self._attend(v.q, gather(v.k), gather(v.v), cu, max_seqlen, gather.local)
         return from_varlen(out, v)
 
     def _attend(self, q, k, v, cu_seqlens, max_seqlen, q_positions):

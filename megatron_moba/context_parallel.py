@@ -19,17 +19,19 @@ import torch.distributed as dist
 
 def cp_token_index(cu_seqlens: List[int], cp: int, rank: int, device=None) -> torch.Tensor:
     """Global token indices held by CP ``rank``, in its local order (int64, ascending)."""
-    parts = []
-    for a, b in zip(cu_seqlens, cu_seqlens[1:]):
-        n = b - a
+    lens = [b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])]
+    for n in lens:
         if n % (2 * cp):
             raise ValueError(f"context parallelism needs every sequence length divisible by 2 x "
                              f"--context-parallel-size ({2 * cp}); got a sequence of {n} tokens "
                              f"(set --seq-length, or pad packed sequences, to a multiple of {2 * cp})")
-        c = n // (2 * cp)
-        for chunk in (rank, 2 * cp - 1 - rank):
-            parts.append(torch.arange(a + chunk * c, a + (chunk + 1) * c, device=device))
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=device)
+    starts = torch.tensor(cu_seqlens[:-1], dtype=torch.long, device=device)
+    chunk = torch.tensor(lens, dtype=torch.long, device=device) // (2 * cp)
+    seg_start = torch.stack([starts + rank * chunk, starts + (2 * cp - 1 - rank) * chunk], 1).flatten()
+    seg_len = chunk.repeat_interleave(2)                                 # per sequence: chunk r, chunk 2cp-1-r
+    offset = torch.arange(int(seg_len.sum()), device=device) - torch.repeat_interleave(
+        torch.cumsum(seg_len, 0) - seg_len, seg_len)
+    return torch.repeat_interleave(seg_start, seg_len) + offset
 
 
 class _GatherSequence(torch.autograd.Function):
@@ -59,15 +61,18 @@ class _GatherSequence(torch.autograd.Function):
         return out, None, None, None
 
 
-def gather_sequence(x: torch.Tensor, cu_seqlens: List[int], group) -> tuple:
-    """All-gather the local K or V of every CP rank into global order.
+class SequenceGather:
+    """All-gathers this rank's K and V into global token order (indices computed once)."""
 
-    Returns (x_global [T_global, H, D], this rank's global token indices)."""
-    cp, rank = dist.get_world_size(group), dist.get_rank(group)
-    device = x.device
-    local = cp_token_index(cu_seqlens, cp, rank, device)
-    if local.numel() != x.shape[0]:
-        raise ValueError(f"context-parallel rank holds {x.shape[0]} tokens but cu_seqlens implies "
-                         f"{local.numel()}: PackedSeqParams must carry the global (unsplit) cu_seqlens")
-    order = torch.cat([cp_token_index(cu_seqlens, cp, r, device) for r in range(cp)])
-    return _GatherSequence.apply(x, group, order, local), local
+    def __init__(self, cu_seqlens: List[int], group, device):
+        cp, rank = dist.get_world_size(group), dist.get_rank(group)
+        self.group = group
+        self.local = cp_token_index(cu_seqlens, cp, rank, device)         # this rank's global tokens
+        self.order = torch.cat([cp_token_index(cu_seqlens, cp, r, device) for r in range(cp)])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """[T_local, H, D] -> [T_global, H, D]."""
+        if self.local.numel() != x.shape[0]:
+            raise ValueError(f"context-parallel rank holds {x.shape[0]} tokens but cu_seqlens implies "
+                             f"{self.local.numel()}: PackedSeqParams must carry the global (unsplit) cu_seqlens")
+        return _GatherSequence.apply(x, self.group, self.order, self.local)
