@@ -28,7 +28,10 @@ setup(
         "psutil",
         "pyyaml",
         "tqdm",
+        "tensorboard",
+        "tokenizers",
     ],
+    entry_points={"console_scripts": ["moba-pretrain = megatron_moba.pretrain:main"]},
     extras_require={
         "dev": ["pytest==9.2.0"],
         "gpu": ["transformer-engine[pytorch]"],

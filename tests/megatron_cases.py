@@ -41,9 +41,9 @@ def _worker(rank, world, port, outdir, fn, args, tp, pp, cp):
         dist.destroy_process_group()
 
 
-def run_distributed(fn, *args, tp=1, pp=1, cp=1):
-    """Run fn(*args) on tp*pp*cp CPU processes; returns each rank's result."""
-    world = tp * pp * cp
+def run_distributed(fn, *args, tp=1, pp=1, cp=1, dp=1):
+    """Run fn(*args) on tp*pp*cp*dp CPU processes; returns each rank's result."""
+    world = tp * pp * cp * dp
     with tempfile.TemporaryDirectory() as outdir:
         mp.spawn(_worker, args=(world, _free_port(), outdir, fn, args, tp, pp, cp), nprocs=world, join=True)
         return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=True) for r in range(world)]
@@ -179,3 +179,35 @@ def reference_run(config_overrides, steps=3, micro=2):
     full = reference_weights(config_overrides)
     return dict(weights=full, **train(config_overrides, full, steps, micro))
 
+
+
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
+        "--seq-length", "64", "--moba-chunk-size", "16", "--moba-topk", "2", "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--train-iters", "6", "--lr", "3e-3", "--lr-warmup-iters", "1",
+        "--mock-data", "--vocab-size", "200", "--normalization", "RMSNorm", "--disable-bias-linear",
+        "--log-interval", "1", "--untie-embeddings-and-output-weights"]
+
+
+def run_pretrain(argv):
+    """The job's own entry (arguments + Trainer) inside an already initialized process group."""
+    from megatron_moba.arguments import parse_args
+    from megatron_moba.training import pretrain
+    return pretrain(parse_args(list(argv), world_size=dist.get_world_size()))
+
+
+def crash_during_save(argv):
+    """Run, with the checkpoint writer failing half-way through the save; report what is left."""
+    from megatron_moba import checkpointing
+    real_save = checkpointing.dist_checkpointing.save
+
+    def broken_save(state, path, *a, **k):
+        open(os.path.join(path, "partial.bin"), "wb").write(b"half a checkpoint")
+        raise OSError("disk full (simulated)")
+    checkpointing.dist_checkpointing.save = broken_save
+    try:
+        run_pretrain(argv)
+        return "no error"
+    except OSError as e:
+        return str(e)
+    finally:
+        checkpointing.dist_checkpointing.save = real_save

@@ -1,0 +1,187 @@
+"""Command line of the pretraining job, with Megatron-LM's flag names.
+
+    python -m megatron_moba.pretrain --help
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from typing import List, Optional
+
+import torch
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="moba-pretrain", description="Pretrain a GPT with MoBA attention on megatron-core.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--num-query-groups", type=int, default=None, help="GQA groups (default: one per head)")
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP")
+    g.add_argument("--disable-bias-linear", action="store_true", help="no biases in linear layers")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--attention-dropout", type=float, default=0.0, help="must be 0 for MoBA layers")
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+
+    g = p.add_argument_group("MoBA")
+    g.add_argument("--attention", choices=["moba", "full"], default="moba",
+                   help="full trains the dense baseline with the same code")
+    g.add_argument("--moba-chunk-size", type=int, default=512)
+    g.add_argument("--moba-topk", type=int, default=3)
+    g.add_argument("--moba-full-attn-layers", type=int, default=0, help="the last N layers keep full attention")
+    g.add_argument("--moba-full-attn-layer-list", type=int, nargs="+", default=None,
+                   help="1-based layer numbers that keep full attention")
+    g.add_argument("--moba-backend", default=None, help="moba_kernels backend (default: fastest available)")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, default=3e-4)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="0 disables clipping")
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="stop (saving a checkpoint if --save) once the iteration is a multiple of this")
+    g.add_argument("--max-nonfinite-steps", type=int, default=10,
+                   help="stop after this many consecutive steps with a non-finite loss or gradient")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="prefixes of .bin/.idx files, optionally weighted: [w1] p1 [w2 p2 ...]")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test proportions")
+    g.add_argument("--mock-data", action="store_true", help="random tokens (no files)")
+    g.add_argument("--tokenizer-type", choices=["NullTokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer"],
+                   default="NullTokenizer")
+    g.add_argument("--tokenizer-model", default=None, help="SentencePiece model file or HF tokenizer directory")
+    g.add_argument("--vocab-size", type=int, default=None, help="vocabulary size for NullTokenizer")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--reset-position-ids", action="store_true", help="positions restart at every document")
+    g.add_argument("--document-attention", action="store_true",
+                   help="packed documents attend only within themselves (MoBA blocks restart per document)")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--load", default=None, help="checkpoint directory to resume or start from")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--finetune", action="store_true",
+                   help="load weights only: iteration, optimizer, scheduler and data position start afresh")
+    g.add_argument("--no-load-optim", action="store_true")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-file", default=None, help="JSON lines, one per logged iteration")
+    return p
+
+
+def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
+    """Parse and validate; contradictions exit with a message naming the flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    try:
+        validate_args(args, world_size)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def validate_args(args, world_size: int) -> None:
+    for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters", "micro_batch_size",
+                 "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        if getattr(args, flag) < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} must be >= 1")
+    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size * args.context_parallel_size
+    if world_size % model_parallel:
+        raise ValueError(f"world size ({world_size}) is not divisible by --tensor-model-parallel-size x "
+                         f"--pipeline-model-parallel-size x --context-parallel-size ({model_parallel})")
+    args.data_parallel_size = world_size // model_parallel
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size is None:
+        args.global_batch_size = per_step
+    if args.global_batch_size % per_step:
+        raise ValueError(f"--global-batch-size ({args.global_batch_size}) must be divisible by --micro-batch-size x "
+                         f"data-parallel size ({args.micro_batch_size} x {args.data_parallel_size})")
+    args.num_microbatches = args.global_batch_size // per_step
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    if args.seq_length > args.max_position_embeddings:
+        raise ValueError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
+                         f"({args.max_position_embeddings})")
+    if args.hidden_size % args.num_attention_heads:
+        raise ValueError(f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads "
+                         f"({args.num_attention_heads})")
+    if args.num_layers % args.pipeline_model_parallel_size:
+        raise ValueError(f"--num-layers ({args.num_layers}) must be divisible by --pipeline-model-parallel-size "
+                         f"({args.pipeline_model_parallel_size})")
+    if args.sequence_parallel and args.tensor_model_parallel_size == 1:
+        raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if bool(args.data_path) == bool(args.mock_data):
+        raise ValueError("give exactly one of --data-path and --mock-data")
+    if args.tokenizer_type == "NullTokenizer" and not args.vocab_size:
+        raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size")
+    if args.tokenizer_type != "NullTokenizer" and not args.tokenizer_model:
+        raise ValueError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
+    if args.lr_warmup_iters >= args.train_iters and args.train_iters > 1:
+        raise ValueError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than --train-iters "
+                         f"({args.train_iters})")
+    if args.min_lr > args.lr:
+        raise ValueError(f"--min-lr ({args.min_lr}) exceeds --lr ({args.lr})")
+    if args.finetune and not args.load:
+        raise ValueError("--finetune needs --load")
+    if args.save_interval is not None and not args.save:
+        raise ValueError("--save-interval needs --save")
+    if args.attention == "moba" and args.attention_dropout:
+        raise ValueError("--attention-dropout must be 0 with --attention moba (MoBA layers have no attention dropout)")
+    if args.document_attention and args.context_parallel_size > 1:
+        raise ValueError("--document-attention with --context-parallel-size > 1 is not supported yet")
+
+
+def config_from_args(args) -> "MoBATransformerConfig":
+    """The ``MoBATransformerConfig`` these flags describe (MoBA flags checked there)."""
+    import torch.nn.functional as F
+
+    from .config import MoBATransformerConfig
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    return MoBATransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        normalization=args.normalization, gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu, add_bias_linear=not args.disable_bias_linear,
+        init_method_std=args.init_method_std, attention_dropout=args.attention_dropout,
+        hidden_dropout=args.hidden_dropout,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype, autocast_dtype=dtype,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        attention=args.attention, moba_chunk_size=args.moba_chunk_size, moba_topk=args.moba_topk,
+        moba_backend=args.moba_backend, moba_full_attn_layers=args.moba_full_attn_layers,
+        moba_full_attn_layer_list=args.moba_full_attn_layer_list,
+    )

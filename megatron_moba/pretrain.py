@@ -1,0 +1,28 @@
+"""Pretrain (or continue pretraining) a GPT with MoBA attention.
+
+    torchrun --nproc-per-node 8 -m megatron_moba.pretrain --num-layers 24 --hidden-size 2048 \
+        --num-attention-heads 16 --seq-length 32768 --moba-chunk-size 512 --moba-topk 3 ...
+    python -m megatron_moba.pretrain --help
+"""
+from __future__ import annotations
+
+import sys
+
+import torch.distributed as dist
+
+from .arguments import parse_args
+from .training import pretrain
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        pretrain(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

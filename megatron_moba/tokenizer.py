@@ -1,0 +1,52 @@
+"""Tokenizers for the job and the tools: what megatron's GPTDataset needs (``vocab_size``,
+``eod``) plus ``tokenize``/``detokenize``."""
+from __future__ import annotations
+
+import os
+from typing import List
+
+
+class Tokenizer:
+    def __init__(self, name: str, vocab_size: int, eod: int, encode, decode, model: str = None):
+        self.name, self.vocab_size, self.eod = name, vocab_size, eod
+        self._encode, self._decode = encode, decode
+        # megatron's datasets hash this into their cache names
+        self.unique_identifiers = {"class": name, "model": model, "vocab_size": vocab_size, "eod": eod}
+
+    def tokenize(self, text: str) -> List[int]:
+        return self._encode(text)
+
+    def detokenize(self, ids: List[int]) -> str:
+        return self._decode(ids)
+
+
+def build_tokenizer(tokenizer_type: str, tokenizer_model: str = None, vocab_size: int = None) -> Tokenizer:
+    if tokenizer_type == "NullTokenizer":
+        if not vocab_size:
+            raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size")
+        # ids are the text's integers; the end-of-document id is vocab_size (one past the vocabulary)
+        return Tokenizer("NullTokenizer", vocab_size + 1, vocab_size,
+                         lambda text: [int(x) for x in text.split()], lambda ids: " ".join(map(str, ids)))
+    if not tokenizer_model or not os.path.exists(tokenizer_model):
+        raise ValueError(f"--tokenizer-model {tokenizer_model!r} does not exist")
+    if tokenizer_type == "SentencePieceTokenizer":
+        import sentencepiece
+        sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
+        eod = sp.eos_id() if sp.eos_id() >= 0 else sp.piece_to_id("</s>")
+        return Tokenizer("SentencePieceTokenizer", sp.get_piece_size(), eod,
+                         lambda text: sp.encode(text), lambda ids: sp.decode(list(ids)), tokenizer_model)
+    if tokenizer_type == "HuggingFaceTokenizer":
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError as e:
+            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs the `tokenizers` package") from e
+        path = os.path.join(tokenizer_model, "tokenizer.json") if os.path.isdir(tokenizer_model) else tokenizer_model
+        tok = HFTokenizer.from_file(path)
+        eod = next((tok.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
+                    if tok.token_to_id(t) is not None), None)
+        if eod is None:
+            raise ValueError(f"{path}: no end-of-document token (</s>, <|endoftext|>, <|end_of_text|>, <eos>)")
+        return Tokenizer("HuggingFaceTokenizer", tok.get_vocab_size(), eod,
+                         lambda text: tok.encode(text, add_special_tokens=False).ids, lambda ids: tok.decode(list(ids)),
+                         tokenizer_model)
+    raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}")

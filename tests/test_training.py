@@ -1,0 +1,85 @@
+"""The pretraining job on CPU: learning, exact resume, atomic saves, parallel layouts, CLI checks."""
+import os
+
+import pytest
+
+import megatron_cases as mc
+from megatron_moba.arguments import parse_args
+
+
+def _run(argv, **layout):
+    return mc.run_distributed(mc.run_pretrain, argv, **layout)
+
+
+def test_training_reduces_loss_and_dense_equivalence():
+    moba = _run(mc.TINY + ["--moba-topk", "4"])[0]            # 64 tokens / chunk 16 = 4 blocks: dense
+    full = _run(mc.TINY + ["--attention", "full"])[0]
+    assert moba[-1] < moba[0] - 0.1
+    for a, b in zip(moba, full):
+        assert abs(a - b) / b < 1e-5
+
+
+def test_resume_is_exact(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    straight = _run(mc.TINY)[0]
+    first = _run(mc.TINY + ["--save", ckpt, "--exit-interval", "3"])[0]
+    second = _run(mc.TINY + ["--load", ckpt, "--save", ckpt])[0]
+    assert len(first) == 3 and len(second) == 3
+    assert first + second == straight                      # bit-identical on CPU
+
+
+def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
+    from megatron_moba.checkpointing import read_latest
+    ckpt = str(tmp_path / "ckpt")
+    _run(mc.TINY + ["--save", ckpt, "--exit-interval", "3"])
+    msg = mc.run_distributed(mc.crash_during_save, mc.TINY + ["--load", ckpt, "--save", ckpt])[0]
+    assert "disk full" in msg
+    assert read_latest(ckpt) == 3
+    assert not os.path.exists(os.path.join(ckpt, "iter_0000006"))
+    resumed = _run(mc.TINY + ["--load", ckpt])[0]        # the previous checkpoint still loads
+    assert len(resumed) == 3
+
+
+def test_missing_or_corrupted_checkpoint_names_the_path(tmp_path):
+    from megatron_moba.checkpointing import read_latest
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        read_latest(str(tmp_path))
+    (tmp_path / "latest_checkpointed_iteration.txt").write_text("garbage")
+    with pytest.raises(ValueError, match="latest_checkpointed_iteration.txt is corrupted"):
+        read_latest(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def start_checkpoint(tmp_path_factory):
+    """One single-process step saved; every layout resumes from it (weights, optimizer, schedule, data)."""
+    ckpt = str(tmp_path_factory.mktemp("start") / "ckpt")
+    _run(mc.TINY + ["--save", ckpt, "--exit-interval", "1"])
+    return ckpt, _run(mc.TINY + ["--load", ckpt])[0]
+
+
+@pytest.mark.parametrize("layout", [dict(tp=2), dict(pp=2), dict(cp=2), dict(dp=2)])
+def test_resume_at_another_layout_reproduces_single_process(start_checkpoint, layout):
+    ckpt, single = start_checkpoint
+    argv = mc.TINY + ["--load", ckpt, "--tensor-model-parallel-size", str(layout.get("tp", 1)),
+                      "--pipeline-model-parallel-size", str(layout.get("pp", 1)),
+                      "--context-parallel-size", str(layout.get("cp", 1))]
+    for losses in _run(argv, **layout):
+        assert len(losses) == len(single) == 5
+        for a, b in zip(losses, single):
+            assert abs(a - b) / b < 1e-4, (losses, single)
+
+
+@pytest.mark.parametrize("extra,text", [
+    (["--global-batch-size", "3"], "--global-batch-size (3) must be divisible by --micro-batch-size"),
+    (["--max-position-embeddings", "32"], "--seq-length (64) exceeds --max-position-embeddings (32)"),
+    (["--data-path", "x"], "give exactly one of --data-path and --mock-data"),
+    (["--finetune"], "--finetune needs --load"),
+    (["--tensor-model-parallel-size", "2"], "world size (1) is not divisible"),
+    (["--attention-dropout", "0.1"], "--attention-dropout must be 0 with --attention moba"),
+    (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
+    (["--tokenizer-type", "SentencePieceTokenizer"], "needs --tokenizer-model"),
+])
+def test_cli_rejects_contradictions(extra, text, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(mc.TINY + extra, world_size=1)
+    assert text in capsys.readouterr().err
