@@ -12,7 +12,6 @@ import os
 from typing import Iterator, List, Optional
 
 import numpy
-import torch
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from .tokenizer import build_tokenizer
@@ -98,7 +97,7 @@ def build_indexed_dataset(texts: Iterator[str], output_prefix: str, tokenizer_ty
         encoded = tqdm(encoded, desc="tokenizing", unit=" docs")
     try:
         for ids in encoded:
-            builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
+            builder.add_document(numpy.asarray(ids, dtype=numpy.int64), [len(ids)])
             docs += 1
             tokens += len(ids)
     except BaseException:

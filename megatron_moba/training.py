@@ -22,6 +22,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from .arguments import config_from_args
 from .checkpointing import load_checkpoint, save_checkpoint
 from .data import MicroBatches, build_datasets
+from .flops import flops_per_iteration, memory_gib, peak_tflops
 from .model import build_moba_gpt
 from .parallel import clip_grads, finalize_grads, initialize_distributed
 from .tokenizer import build_tokenizer
@@ -91,8 +92,9 @@ class Trainer:
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
         self.config = config_from_args(args)
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        args.padded_vocab_size = padded_vocab_size(self.tokenizer.vocab_size, args.tensor_model_parallel_size)
         self.model = build_moba_gpt(
-            self.config, padded_vocab_size(self.tokenizer.vocab_size, args.tensor_model_parallel_size),
+            self.config, args.padded_vocab_size,
             args.seq_length, position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
             share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights).to(device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
@@ -178,6 +180,7 @@ class Trainer:
         signal.signal(signal.SIGTERM, lambda *_: setattr(self, "stop_requested", True))
         losses, bad_in_row = [], 0
         tokens_per_step = a.global_batch_size * a.seq_length
+        flops_per_step, peak = flops_per_iteration(a, self.config), peak_tflops()
         t0 = time.perf_counter()
         while self.iteration < a.train_iters:
             m = self.train_step()
@@ -195,9 +198,13 @@ class Trainer:
             if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
                 dt = (time.perf_counter() - t0) / a.log_interval
                 t0 = time.perf_counter()
-                m.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+                tflops = flops_per_step / dt / dist.get_world_size() / 1e12
+                m.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt, tflops_per_device=tflops,
+                         mfu=tflops / peak if peak else None, memory_gib=memory_gib())
                 _log(f"iteration {self.iteration:>6}/{a.train_iters} | loss {m['loss']:.4f} | lr {m['lr']:.3e} | "
-                     f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:.0f} tokens/s")
+                     f"grad norm {m['grad_norm']:.3f} | {m['tokens_per_s']:.0f} tokens/s | "
+                     f"{tflops:.3f} TFLOP/s/device" + (f" | MFU {100 * m['mfu']:.1f}%" if peak else "") +
+                     f" | mem {m['memory_gib']:.2f} GiB")
                 self.record(m)
             if a.eval_interval and self.iteration % a.eval_interval == 0:
                 val = self.evaluate()

@@ -83,3 +83,59 @@ def test_cli_rejects_contradictions(extra, text, capsys):
     with pytest.raises(SystemExit):
         parse_args(mc.TINY + extra, world_size=1)
     assert text in capsys.readouterr().err
+
+
+def test_training_on_indexed_stdlib_data_reduces_loss(tmp_path):
+    """The demo's data path: stdlib sources -> SentencePiece -> .bin/.idx -> GPTDataset -> training."""
+    import importlib.util
+    import json
+    spec = importlib.util.spec_from_file_location("demo", os.path.join(os.path.dirname(__file__), "..", "examples",
+                                                                       "demo_pretrain.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    corpus = str(tmp_path / "corpus.jsonl")
+    assert demo.stdlib_corpus(corpus, 400_000) > 5
+    texts = lambda: (json.loads(line)["text"] for line in open(corpus))  # noqa: E731
+    tok = demo.train_sentencepiece(texts(), str(tmp_path / "spm"), 512)
+    stats = demo.build_indexed_dataset(texts(), str(tmp_path / "data"), "SentencePieceTokenizer", tok, progress=False)
+    assert stats["tokens"] > 50_000
+    argv = [a for a in mc.TINY if a not in ("--mock-data",)]
+    argv[argv.index("--vocab-size"):argv.index("--vocab-size") + 2] = []
+    argv[argv.index("--train-iters") + 1] = "12"
+    losses = _run(argv + ["--data-path", str(tmp_path / "data"), "--split", "90,10,0",
+                          "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok,
+                          "--data-cache-path", str(tmp_path / "cache")])[0]
+    assert len(losses) == 12
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.3, losses
+
+
+def test_attended_key_count_matches_the_gate():
+    """The FLOP count's MoBA key count against the keys the gate really selects."""
+    import torch
+
+    from megatron_moba.flops import mean_attended_keys
+    from moba_kernels import moba_select_blocks
+    s, c = 100, 16
+    q, k = torch.randn(1, s, 2, 8), torch.randn(1, s, 2, 8)
+    for topk in (1, 3, 7, 20):
+        sel = moba_select_blocks(q, k, c, topk)[0, :, 0].long()                  # [s, topk]
+        pos = torch.arange(s)[:, None]
+        size = torch.clamp(s - sel * c, max=c)
+        keys = torch.where(sel == pos // c, pos % c + 1, size)
+        counted = torch.where(sel >= 0, keys, 0).sum(1).double().mean().item()
+        assert abs(mean_attended_keys(s, c, topk) - counted) < 1e-9
+    assert mean_attended_keys(s, c, 20) == mean_attended_keys(s) == (s + 1) / 2
+
+
+def test_continued_pretraining_from_full_attention_to_longer_moba(tmp_path):
+    """The paper's recipe: a full-attention checkpoint, then MoBA at a longer context with a larger
+    RoPE base and the last layer kept full (weights only: --finetune)."""
+    ckpt = str(tmp_path / "full")
+    _run(mc.TINY + ["--attention", "full", "--save", ckpt, "--exit-interval", "4"])
+    longer = [a for a in mc.TINY]
+    longer[longer.index("--seq-length") + 1] = "128"
+    moba = longer + ["--rotary-base", "40000", "--moba-full-attn-layers", "1"]
+    losses = _run(moba + ["--load", ckpt, "--finetune", "--save", str(tmp_path / "moba")])[0]
+    scratch = _run(moba)[0]
+    assert len(losses) == 6                                  # iteration count restarted by --finetune
+    assert losses[0] < scratch[0] - 0.2, (losses, scratch)   # starts from the trained weights
