@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--bf16", action="store_true",
+                   help="bf16 compute under torch.autocast with fp32 master weights (CUDA; no effect on CPU)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (saving a checkpoint if --save) once the iteration is a multiple of this")
@@ -168,7 +169,8 @@ def config_from_args(args) -> "MoBATransformerConfig":
     import torch.nn.functional as F
 
     from .config import MoBATransformerConfig
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    # --bf16: weights and AdamW state stay fp32 (torch's AdamW has no master copy of bf16 weights);
+    # megatron's schedules run each micro-batch under torch.autocast(bf16).
     return MoBATransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
@@ -179,7 +181,8 @@ def config_from_args(args) -> "MoBATransformerConfig":
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
-        bf16=args.bf16, params_dtype=dtype, pipeline_dtype=dtype, autocast_dtype=dtype,
+        params_dtype=torch.float32, pipeline_dtype=torch.float32, enable_autocast=args.bf16,
+        autocast_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_cpu_initialization=not torch.cuda.is_available(),
         attention=args.attention, moba_chunk_size=args.moba_chunk_size, moba_topk=args.moba_topk,
         moba_backend=args.moba_backend, moba_full_attn_layers=args.moba_full_attn_layers,

@@ -48,7 +48,7 @@ def document_cu_seqlens(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     return torch.cat([flat_ends.new_zeros(1), flat_ends]).to(torch.int32)
 
 
-def _cp_local(batch: dict) -> dict:
+def cp_local_batch(batch: dict) -> dict:
     """This context-parallel rank's chunks r and 2cp-1-r of every sample."""
     cp, r = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
     if cp == 1:
@@ -61,7 +61,7 @@ def _cp_local(batch: dict) -> dict:
 
 
 def forward_step(data_iterator, model, eod: int = None, document_attention: bool = False):
-    batch = _cp_local(next(data_iterator))
+    batch = cp_local_batch(next(data_iterator))
     device = next(model.parameters()).device
     tokens, labels = batch["tokens"].to(device), batch["labels"].to(device)
     position_ids, loss_mask = batch["position_ids"].to(device), batch["loss_mask"].to(device)

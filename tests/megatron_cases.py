@@ -122,23 +122,14 @@ def _forward_step(data_iterator, model):
     return out, loss_func
 
 
-def cp_local(batch):
-    """This CP rank's part of a micro-batch: chunks r and 2cp-1-r of every sequence."""
-    from megatron.core import parallel_state as ps
-    cp, r = ps.get_context_parallel_world_size(), ps.get_context_parallel_rank()
-
-    def split(x):
-        chunks = x.view(x.shape[0], 2 * cp, -1)
-        return torch.cat([chunks[:, r], chunks[:, 2 * cp - 1 - r]], dim=1)
-    return {k: split(v) for k, v in batch.items()}
-
-
 def train(config_overrides, full_weights, steps=3, micro=2, lr=1e-2):
     """Run `steps` optimizer steps through megatron's schedule; returns losses (last stage)
     and the gradients of the first step.  Under CP, losses and gradients are averaged over
     the CP group (each rank's loss is the mean over its own tokens), as megatron's DDP does."""
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_moba.training import cp_local_batch
     config = make_config(**config_overrides)
     model = build_gpt(config)
     load_full_weights(model, full_weights)
@@ -147,7 +138,7 @@ def train(config_overrides, full_weights, steps=3, micro=2, lr=1e-2):
     losses, first_grads = [], None
     cp, cp_group = ps.get_context_parallel_world_size(), ps.get_context_parallel_group()
     for step in batches(steps, micro):
-        data = [cp_local(b) for b in step] if cp > 1 else step
+        data = [cp_local_batch(b) for b in step] if cp > 1 else step
         opt.zero_grad()
         out = fb(forward_step_func=_forward_step, data_iterator=iter(data), model=[model],
                  num_microbatches=micro, seq_length=SEQ // cp, micro_batch_size=2, forward_only=False)
