@@ -202,3 +202,12 @@ def crash_during_save(argv):
         return str(e)
     finally:
         checkpointing.dist_checkpointing.save = real_save
+
+
+def run_pretrain_error(argv):
+    """run_pretrain, returning the message of a RuntimeError instead of raising it."""
+    try:
+        run_pretrain(argv)
+        return "no error"
+    except RuntimeError as e:
+        return str(e)

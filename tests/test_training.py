@@ -139,3 +139,39 @@ def test_continued_pretraining_from_full_attention_to_longer_moba(tmp_path):
     scratch = _run(moba)[0]
     assert len(losses) == 6                                  # iteration count restarted by --finetune
     assert losses[0] < scratch[0] - 0.2, (losses, scratch)   # starts from the trained weights
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run():
+    msg = mc.run_distributed(mc.run_pretrain_error, mc.TINY + ["--lr", "1e30", "--clip-grad", "0",
+                                                               "--max-nonfinite-steps", "2"])[0]
+    assert "2 consecutive non-finite steps (--max-nonfinite-steps 2): stopping" in msg
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    from megatron_moba.checkpointing import read_latest
+    argv = [a for a in mc.TINY]
+    argv[argv.index("--train-iters") + 1] = "1000"
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_moba.pretrain", *argv, "--save", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                            env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    for line in proc.stdout:
+        if line.startswith("iteration      3/1000"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest = proc.stdout.read()
+    assert proc.wait(timeout=120) == 0
+    assert "SIGTERM: stopping at iteration" in rest and "(checkpoint saved)" in rest
+    assert 3 <= read_latest(str(tmp_path)) < 1000
+
+
+def test_document_attention_cu_seqlens_and_training():
+    import torch
+
+    from megatron_moba.training import document_cu_seqlens
+    tokens = torch.tensor([[5, 9, 0, 7, 7, 0, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]])
+    assert document_cu_seqlens(tokens, eod=0).tolist() == [0, 3, 6, 8, 9, 16]
+    losses = _run(mc.TINY + ["--document-attention"])[0]
+    assert len(losses) == 6 and losses[-1] < losses[0]
