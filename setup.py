@@ -30,10 +30,11 @@ setup(
         "tqdm",
         "tensorboard",
         "tokenizers",
+        "safetensors",
     ],
     entry_points={"console_scripts": ["moba-pretrain = megatron_moba.pretrain:main"]},
     extras_require={
-        "dev": ["pytest==9.2.0"],
+        "dev": ["pytest==9.2.0", "transformers"],
         "gpu": ["transformer-engine[pytorch]"],
     },
     license="Apache-2.0",

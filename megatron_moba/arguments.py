@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP")
     g.add_argument("--disable-bias-linear", action="store_true", help="no biases in linear layers")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
@@ -174,7 +175,7 @@ def config_from_args(args) -> "MoBATransformerConfig":
     return MoBATransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        normalization=args.normalization, gated_linear_unit=args.swiglu,
+        normalization=args.normalization, layernorm_epsilon=args.norm_epsilon, gated_linear_unit=args.swiglu,
         activation_func=F.silu if args.swiglu else F.gelu, add_bias_linear=not args.disable_bias_linear,
         init_method_std=args.init_method_std, attention_dropout=args.attention_dropout,
         hidden_dropout=args.hidden_dropout,

@@ -61,8 +61,10 @@ def _rng_object(rank: int, world: int, state=None) -> ShardedObject:
     return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, consumed_samples: int, args=None):
-    """Save, atomically (see the module docstring)."""
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, consumed_samples: int, args=None,
+                    extra: Optional[dict] = None):
+    """Save, atomically (see the module docstring).  With ``optimizer``/``scheduler`` None only the
+    weights are saved (a checkpoint for ``--finetune``, e.g. an imported one)."""
     final = checkpoint_dir(root, iteration)
     tmp = final + ".tmp"
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -72,12 +74,13 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
         os.makedirs(tmp)
     dist.barrier()
     model_sd = model.sharded_state_dict()
-    optim_sd, step = _optimizer_sharded(model_sd, optimizer)
-    state = {
-        "model": model_sd, "optimizer": optim_sd, "rng": _rng_object(rank, world),
-        "scheduler": scheduler.state_dict(), "iteration": iteration, "consumed_samples": consumed_samples,
-        "optimizer_step": step, "world_size": world, "args": vars(args) if args is not None else None,
-    }
+    state = {"model": model_sd, "rng": _rng_object(rank, world), "iteration": iteration,
+             "consumed_samples": consumed_samples, "world_size": world,
+             "args": vars(args) if args is not None else None, **(extra or {})}
+    if optimizer is not None:
+        state["optimizer"], state["optimizer_step"] = _optimizer_sharded(model_sd, optimizer)
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, tmp)
     dist.barrier()
     if rank == 0:
@@ -105,14 +108,13 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, finetune: 
     rank, world = dist.get_rank(), dist.get_world_size()
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
+    common = dist_checkpointing.load_common_state_dict(path)
     if not finetune:
-        request.update(scheduler=None, iteration=None, consumed_samples=None, optimizer_step=None)
+        if "scheduler" not in common:
+            raise ValueError(f"{path} holds weights only (no optimizer or scheduler): load it with --finetune")
         request["rng"] = _rng_object(rank, world)
         if optimizer is not None:
             request["optimizer"], _ = _optimizer_sharded(model_sd, optimizer)
-    common = dist_checkpointing.load_common_state_dict(path)
-    for key in ("scheduler", "iteration", "consumed_samples", "optimizer_step"):
-        request.pop(key, None)
     if "rng" in request and common.get("world_size") != world:
         request.pop("rng")     # per-rank RNG states only carry over to the same number of ranks
         if rank == 0:

@@ -15,6 +15,19 @@ from .config import MoBATransformerConfig, check_seq_length
 from .specs import get_moba_decoder_block_spec
 
 
+VOCAB_MULTIPLE = 128
+
+
+def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int = 1) -> int:
+    """Vocabulary rows rounded up to a multiple of 128, the same at every TP size so that
+    checkpoints move between layouts."""
+    padded = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    if padded % tensor_model_parallel_size:
+        raise ValueError(f"the padded vocabulary ({padded}) is not divisible by --tensor-model-parallel-size "
+                         f"({tensor_model_parallel_size})")
+    return padded
+
+
 def build_moba_gpt(config: MoBATransformerConfig, vocab_size: int, seq_length: int, use_te: Optional[bool] = None,
                    position_embedding_type: str = "rope", **gpt_kwargs) -> GPTModel:
     """A ``GPTModel`` for this pipeline stage with MoBA layers (and the configured full-attention

@@ -23,7 +23,7 @@ from .arguments import config_from_args
 from .checkpointing import load_checkpoint, save_checkpoint
 from .data import MicroBatches, build_datasets
 from .flops import flops_per_iteration, memory_gib, peak_tflops
-from .model import build_moba_gpt
+from .model import build_moba_gpt, padded_vocab_size
 from .parallel import clip_grads, finalize_grads, initialize_distributed
 from .tokenizer import build_tokenizer
 
@@ -31,11 +31,6 @@ from .tokenizer import build_tokenizer
 def _log(msg: str) -> None:
     if dist.get_rank() == 0:
         print(msg, flush=True)
-
-
-def padded_vocab_size(vocab_size: int, tp: int, multiple: int = 128) -> int:
-    step = multiple * tp
-    return ((vocab_size + step - 1) // step) * step
 
 
 def document_cu_seqlens(tokens: torch.Tensor, eod: int) -> torch.Tensor:

@@ -211,3 +211,20 @@ def run_pretrain_error(argv):
         return "no error"
     except RuntimeError as e:
         return str(e)
+
+
+def hf_logits_in_megatron(hf_dir, ckpt, tokens):
+    """Logits of the imported checkpoint (--finetune load) at this run's TP, gathered over the vocabulary."""
+    from megatron.core import parallel_state as ps
+
+    from megatron_moba.checkpointing import load_checkpoint
+    from megatron_moba.hf_convert import _build, read_hf_config
+    tp = ps.get_tensor_model_parallel_world_size()
+    model, _ = _build(read_hf_config(hf_dir), ["--tensor-model-parallel-size", str(tp)], world_size=dist.get_world_size())
+    load_checkpoint(ckpt, model, finetune=True)
+    model.eval()
+    with torch.no_grad():
+        logits = model(tokens, torch.arange(tokens.shape[1])[None], attention_mask=None)
+    parts = [torch.empty_like(logits) for _ in range(tp)]
+    dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)

@@ -1,0 +1,185 @@
+"""Llama-architecture Hugging Face checkpoints <-> megatron-core GPT weights.
+
+Import reads ``config.json`` and ``*.safetensors`` (never pickles); export writes the same.
+The megatron side uses the local layer spec's parameter names with full (unsharded)
+tensors; ``dist_checkpointing`` reshards them to any TP/PP when the checkpoint is loaded.
+
+Layouts that differ:
+* ``linear_qkv.weight``: per query group, the group's query heads, then its key head, then
+  its value head (HF keeps q, k, v separate);
+* ``linear_fc1.weight``: ``[gate; up]`` (HF: ``gate_proj``, ``up_proj``);
+* vocabulary rows padded to a multiple of 128 (kept out of the HF side).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import os
+from typing import Dict, Tuple
+
+import torch
+
+from .model import padded_vocab_size
+
+def read_hf_config(hf_dir: str) -> dict:
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: not a Hugging Face checkpoint directory")
+    cfg = json.load(open(path))
+    arch = cfg.get("architectures") or []
+    if cfg.get("model_type") not in ("llama", "mistral", "qwen2") and not any("Llama" in a for a in arch):
+        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not a Llama-architecture model")
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    if head_dim * heads != cfg["hidden_size"]:
+        raise ValueError(f"{path}: head_dim {head_dim} x heads {heads} != hidden_size {cfg['hidden_size']}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{path}: hidden_act {cfg.get('hidden_act')!r} is not supported (SwiGLU needs silu)")
+    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+        raise ValueError(f"{path}: biases in attention/MLP are not supported")
+    rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    scaling = (cfg.get("rope_parameters") or {}).get("rope_type", "default")
+    if cfg.get("rope_scaling") or scaling != "default":
+        raise ValueError(f"{path}: RoPE scaling ({cfg.get('rope_scaling') or scaling}) is not supported")
+    return cfg | {"rope_theta": float(rope)}
+
+
+def megatron_args(cfg: dict) -> list:
+    """The pretraining flags that describe this HF model."""
+    args = ["--num-layers", cfg["num_hidden_layers"], "--hidden-size", cfg["hidden_size"],
+            "--ffn-hidden-size", cfg["intermediate_size"], "--num-attention-heads", cfg["num_attention_heads"],
+            "--num-query-groups", cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
+            "--normalization", "RMSNorm", "--norm-epsilon", cfg.get("rms_norm_eps", 1e-6), "--swiglu",
+            "--disable-bias-linear",
+            "--rotary-base", int(cfg["rope_theta"]), "--max-position-embeddings", cfg["max_position_embeddings"]]
+    if not cfg.get("tie_word_embeddings", False):
+        args.append("--untie-embeddings-and-output-weights")
+    return [str(a) for a in args]
+
+
+def load_safetensors(hf_dir: str) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {hf_dir} (pickled .bin checkpoints are not loaded)")
+    weights = {}
+    for f in files:
+        weights.update(load_file(f))
+    return weights
+
+
+def _qkv_layout(cfg):
+    heads = cfg["num_attention_heads"]
+    groups = cfg.get("num_key_value_heads") or heads
+    return heads, groups, cfg["hidden_size"] // heads
+
+
+def hf_to_megatron(cfg: dict, hf: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    heads, groups, d = _qkv_layout(cfg)
+    h = cfg["hidden_size"]
+    vocab = padded_vocab_size(cfg["vocab_size"])
+
+    def pad_rows(w):
+        return torch.cat([w, w.new_zeros(vocab - w.shape[0], w.shape[1])]) if w.shape[0] < vocab else w
+    out = {"embedding.word_embeddings.weight": pad_rows(hf["model.embed_tokens.weight"]),
+           "decoder.final_layernorm.weight": hf["model.norm.weight"]}
+    if not cfg.get("tie_word_embeddings", False):
+        out["output_layer.weight"] = pad_rows(hf["lm_head.weight"])
+    for i in range(cfg["num_hidden_layers"]):
+        p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        q = hf[p + "self_attn.q_proj.weight"].view(groups, heads // groups * d, h)
+        k = hf[p + "self_attn.k_proj.weight"].view(groups, d, h)
+        v = hf[p + "self_attn.v_proj.weight"].view(groups, d, h)
+        out[m + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, h)
+        out[m + "self_attention.linear_proj.weight"] = hf[p + "self_attn.o_proj.weight"]
+        out[m + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]
+        out[m + "pre_mlp_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
+        out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+        out[m + "mlp.linear_fc2.weight"] = hf[p + "mlp.down_proj.weight"]
+    return out
+
+
+def megatron_to_hf(cfg: dict, mg: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    heads, groups, d = _qkv_layout(cfg)
+    h, vocab = cfg["hidden_size"], cfg["vocab_size"]
+    out = {"model.embed_tokens.weight": mg["embedding.word_embeddings.weight"][:vocab],
+           "model.norm.weight": mg["decoder.final_layernorm.weight"]}
+    if not cfg.get("tie_word_embeddings", False):
+        out["lm_head.weight"] = mg["output_layer.weight"][:vocab]
+    for i in range(cfg["num_hidden_layers"]):
+        p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        qkv = mg[m + "self_attention.linear_qkv.weight"].view(groups, (heads // groups + 2) * d, h)
+        q, k, v = qkv.split([heads // groups * d, d, d], dim=1)
+        out[p + "self_attn.q_proj.weight"] = q.reshape(-1, h)
+        out[p + "self_attn.k_proj.weight"] = k.reshape(-1, h)
+        out[p + "self_attn.v_proj.weight"] = v.reshape(-1, h)
+        out[p + "self_attn.o_proj.weight"] = mg[m + "self_attention.linear_proj.weight"]
+        out[p + "input_layernorm.weight"] = mg[m + "input_layernorm.weight"]
+        out[p + "post_attention_layernorm.weight"] = mg[m + "pre_mlp_layernorm.weight"]
+        gate, up = mg[m + "mlp.linear_fc1.weight"].chunk(2)
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
+        out[p + "mlp.down_proj.weight"] = mg[m + "mlp.linear_fc2.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_hf(cfg: dict, weights: Dict[str, torch.Tensor], out_dir: str) -> None:
+    from safetensors.torch import save_file
+    os.makedirs(out_dir, exist_ok=True)
+    save_file(weights, os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=2)
+
+
+def hf_import(hf_dir: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    cfg = read_hf_config(hf_dir)
+    return cfg, hf_to_megatron(cfg, load_safetensors(hf_dir))
+
+
+def _build(cfg: dict, extra_flags=(), world_size: int = 1):
+    """The megatron model (this process's part) for an HF config, and its parsed flags."""
+    from .arguments import config_from_args, parse_args
+    from .model import build_moba_gpt
+    flags = megatron_args(cfg) + ["--seq-length", str(cfg["max_position_embeddings"]), "--train-iters", "1",
+                                  "--mock-data", "--vocab-size", str(cfg["vocab_size"]), *extra_flags]
+    args = parse_args(flags, world_size=world_size)
+    config = config_from_args(args)
+    model = build_moba_gpt(config, padded_vocab_size(cfg["vocab_size"]), args.seq_length,
+                           rotary_base=args.rotary_base,
+                           share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+    return model, args
+
+
+def import_to_checkpoint(hf_dir: str, save_dir: str) -> list:
+    """HF Llama directory -> megatron dist checkpoint (weights only, iteration 0; loads at any
+    TP/PP with ``--load save_dir --finetune``).  Returns the model flags to train with."""
+    from .checkpointing import save_checkpoint
+    cfg, weights = hf_import(hf_dir)
+    model, args = _build(cfg)
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - set(weights))
+    unused = sorted(set(weights) - set(params))
+    if missing or unused:
+        raise ValueError(f"HF -> megatron name mismatch: missing {missing[:5]}, unused {unused[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != weights[name].shape:
+                raise ValueError(f"{name}: megatron shape {tuple(p.shape)} != converted {tuple(weights[name].shape)}")
+            p.copy_(weights[name])
+    save_checkpoint(save_dir, 0, model, None, None, 0, args, extra={"hf_config": cfg})
+    return megatron_args(cfg)
+
+
+def export_from_checkpoint(load_dir: str, out_dir: str, hf_config: dict = None) -> None:
+    """megatron dist checkpoint (from this project) -> HF Llama directory (config.json +
+    model.safetensors).  The HF config is the one stored at import unless given."""
+    from megatron.core import dist_checkpointing
+
+    from .checkpointing import checkpoint_dir, load_checkpoint, read_latest
+    path = checkpoint_dir(load_dir, read_latest(load_dir))
+    cfg = hf_config or dist_checkpointing.load_common_state_dict(path).get("hf_config")
+    if cfg is None:
+        raise ValueError(f"{path} has no stored HF config (it was not imported from HF): pass hf_config")
+    model, _ = _build(cfg)
+    load_checkpoint(load_dir, model, finetune=True)
+    weights = {k: v.detach().cpu() for k, v in model.named_parameters()}
+    save_hf(cfg, megatron_to_hf(cfg, weights), out_dir)
