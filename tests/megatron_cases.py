@@ -213,14 +213,15 @@ def run_pretrain_error(argv):
         return str(e)
 
 
-def hf_logits_in_megatron(hf_dir, ckpt, tokens):
+def hf_logits_in_megatron(hf_dir, ckpt, tokens, flags=()):
     """Logits of the imported checkpoint (--finetune load) at this run's TP, gathered over the vocabulary."""
     from megatron.core import parallel_state as ps
 
     from megatron_moba.checkpointing import load_checkpoint
     from megatron_moba.hf_convert import _build, read_hf_config
     tp = ps.get_tensor_model_parallel_world_size()
-    model, _ = _build(read_hf_config(hf_dir), ["--tensor-model-parallel-size", str(tp)], world_size=dist.get_world_size())
+    model, _ = _build(read_hf_config(hf_dir), ["--tensor-model-parallel-size", str(tp), *flags],
+                      world_size=dist.get_world_size())
     load_checkpoint(ckpt, model, finetune=True)
     model.eval()
     with torch.no_grad():

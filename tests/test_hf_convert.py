@@ -64,3 +64,47 @@ def test_import_rejects_what_it_cannot_convert(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "num_attention_heads": 2, "hidden_size": 8}')
     with pytest.raises(ValueError, match="not a Llama-architecture model"):
         read_hf_config(str(tmp_path))
+
+
+# ---------------------------------------------------------------- MoBA inside transformers
+def _hf_moba(path, chunk, topk):
+    import megatron_moba.hf  # noqa: F401  (registers "moba")
+    model = transformers.LlamaForCausalLM.from_pretrained(path, attn_implementation="moba").eval()
+    model.config.moba_chunk_size, model.config.moba_topk = chunk, topk
+    return model
+
+
+def test_hf_moba_attention_matches_megatron_moba(hf_model):
+    d, eager = hf_model
+    tokens = torch.randint(0, 200, (1, 48), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = _hf_moba(str(d / "hf"), 8, 100)(tokens).logits
+        sparse = _hf_moba(str(d / "hf"), 8, 2)(tokens).logits
+        assert (dense - eager(tokens).logits).abs().max().item() < 1e-5       # topk >= blocks: dense
+    megatron = mc.run_distributed(mc.hf_logits_in_megatron, str(d / "hf"), str(d / "mg"), tokens,
+                                  ["--moba-chunk-size", "8", "--moba-topk", "2"])[0]
+    assert (sparse - megatron[..., :200]).abs().max().item() < 1e-4
+    assert (sparse - dense).abs().max().item() > 1e-3                        # the sparsity is real
+
+
+def test_hf_moba_cached_decoding_matches_recomputation(hf_model):
+    d, _ = hf_model
+    model = _hf_moba(str(d / "hf"), 8, 2)
+    prompt = torch.randint(0, 200, (2, 21), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        cached = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=12,
+                                do_sample=False, use_cache=True, output_logits=True, return_dict_in_generate=True)
+        full = model(cached.sequences[:, :-1]).logits[:, prompt.shape[1] - 1:]
+    assert (torch.stack(cached.logits, 1) - full).abs().max().item() < 1e-4
+
+
+def test_hf_moba_rejects_padding():
+    from megatron_moba.hf import moba_attention
+
+    class M:
+        config = type("C", (), {"moba_chunk_size": 4, "moba_topk": 2})()
+    q, k = torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    mask = torch.ones(1, 1, 6, 6, dtype=torch.bool).tril()
+    mask[..., 0] = False                                                      # a padded first token
+    with pytest.raises(ValueError, match="causal masks only"):
+        moba_attention(M(), q, k, k, mask)
