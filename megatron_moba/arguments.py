@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import List, Optional
+from typing import TYPE_CHECKING, List, Optional
 
 import torch
+
+if TYPE_CHECKING:
+    from .config import MoBATransformerConfig
 
 
 def build_parser() -> argparse.ArgumentParser:
