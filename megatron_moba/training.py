@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import signal
 import time
 from functools import partial
@@ -19,7 +20,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from .arguments import config_from_args
-from .checkpointing import load_checkpoint, save_checkpoint
+from .checkpointing import LATEST, load_checkpoint, save_checkpoint
 from .data import MicroBatches, build_datasets
 from .flops import flops_per_iteration, memory_gib, peak_tflops
 from .model import build_moba_gpt, padded_vocab_size
@@ -99,7 +100,11 @@ class Trainer:
             lr_decay_steps=decay_iters, lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
             end_wd=args.weight_decay, wd_incr_steps=decay_iters, wd_incr_style="constant")
         self.iteration, self.consumed = 0, 0
-        if args.load:
+        fresh = (args.load and args.save and os.path.abspath(args.load) == os.path.abspath(args.save)
+                 and not os.path.exists(os.path.join(args.load, LATEST)))
+        if fresh:    # --load = --save with nothing saved yet: a (re)queued job's first start
+            _log(f"no checkpoint in {args.load} yet: starting from scratch")
+        elif args.load:
             self.iteration, self.consumed = load_checkpoint(
                 args.load, self.model, None if args.no_load_optim else self.optimizer,
                 self.scheduler, finetune=args.finetune)

@@ -175,3 +175,12 @@ def test_document_attention_cu_seqlens_and_training():
     assert document_cu_seqlens(tokens, eod=0).tolist() == [0, 3, 6, 8, 9, 16]
     losses = _run(mc.TINY + ["--document-attention"])[0]
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_load_equal_to_save_starts_fresh_when_empty(tmp_path):
+    """A (re)queued job's first start: --load and --save name the same, still empty, directory."""
+    from megatron_moba.checkpointing import read_latest
+    ckpt = str(tmp_path / "ckpt")
+    losses = _run(mc.TINY + ["--load", ckpt, "--save", ckpt, "--exit-interval", "2"])[0]
+    assert len(losses) == 2 and read_latest(ckpt) == 2
+    assert len(_run(mc.TINY + ["--load", ckpt, "--save", ckpt])[0]) == 4     # and resumes afterwards
