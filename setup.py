@@ -31,6 +31,7 @@ setup(
         "tensorboard",
         "tokenizers",
         "safetensors",
+        "matplotlib",
     ],
     entry_points={"console_scripts": ["moba-pretrain = megatron_moba.pretrain:main"]},
     extras_require={
