@@ -36,7 +36,6 @@ def _log(msg: str) -> None:
 def document_cu_seqlens(tokens: torch.Tensor, eod: int) -> torch.Tensor:
     """[b, s] tokens -> int32 cu_seqlens of the documents in the flattened batch (a document
     ends after each EOD token and at each sample's end)."""
-    b, s = tokens.shape
     ends = (tokens == eod).clone()
     ends[:, -1] = True
     flat_ends = torch.nonzero(ends.flatten()).squeeze(1) + 1

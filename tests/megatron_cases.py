@@ -4,13 +4,15 @@ megatron's own pipeline schedules."""
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 import warnings
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from megatron_moba.parallel import free_port
 
 BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
             use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0, normalization="RMSNorm",
@@ -18,21 +20,16 @@ BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_group
 VOCAB, SEQ = 128, 32
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, outdir, fn, args, tp, pp, cp):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
     warnings.filterwarnings("ignore")     # megatron warns about absent TE/apex at every import
     torch.set_num_threads(1)
-    from megatron_moba.cpu_shim import apply_cpu_shim
-    apply_cpu_shim()
-    dist.init_process_group("gloo", rank=rank, world_size=world)
     from megatron.core import parallel_state
-    parallel_state.initialize_model_parallel(tp, pp, context_parallel_size=cp)
+
+    from megatron_moba.parallel import initialize_distributed
+    initialize_distributed(SimpleNamespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                           context_parallel_size=cp, seed=0))
     try:
         result = fn(*args)
         torch.save(result, os.path.join(outdir, f"{rank}.pt"))
@@ -45,7 +42,7 @@ def run_distributed(fn, *args, tp=1, pp=1, cp=1, dp=1):
     """Run fn(*args) on tp*pp*cp*dp CPU processes; returns each rank's result."""
     world = tp * pp * cp * dp
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(world, _free_port(), outdir, fn, args, tp, pp, cp), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), outdir, fn, args, tp, pp, cp), nprocs=world, join=True)
         return [torch.load(os.path.join(outdir, f"{r}.pt"), weights_only=True) for r in range(world)]
 
 
