@@ -19,11 +19,10 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from .arguments import config_from_args
 from .checkpointing import LATEST, load_checkpoint, save_checkpoint
 from .data import MicroBatches, build_datasets
+from .evaluation import build_model
 from .flops import flops_per_iteration, memory_gib, peak_tflops
-from .model import build_moba_gpt, padded_vocab_size
 from .parallel import clip_grads, finalize_grads, initialize_distributed
 from .tokenizer import build_tokenizer
 
@@ -84,13 +83,8 @@ class Trainer:
         self.args = args
         initialize_distributed(args)
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-        self.config = config_from_args(args)
-        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        args.padded_vocab_size = padded_vocab_size(self.tokenizer.vocab_size, args.tensor_model_parallel_size)
-        self.model = build_moba_gpt(
-            self.config, args.padded_vocab_size,
-            args.seq_length, position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights).to(device)
+        self.model = build_model(args, self.tokenizer)
+        self.config = self.model.config
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
                                            eps=args.adam_eps, weight_decay=args.weight_decay)
         decay_iters = args.lr_decay_iters or args.train_iters
