@@ -24,7 +24,7 @@ setup(
         "triton==3.6.0",
         "sentencepiece==0.2.3",
         "datasets==5.2.0",
-        "numpy",
+        "numpy<2.4",   # triton 3.6's interpreter (TRITON_INTERPRET=1) int()s size-1 arrays: an error from numpy 2.4
         "psutil",
         "pyyaml",
         "tqdm",

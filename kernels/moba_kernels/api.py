@@ -15,13 +15,16 @@ class Backend:
     """One way of computing MoBA attention.
 
     ``attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_tok=None)``
-    returns the output; ``unsupported(q)`` returns None or the reason this
-    backend cannot serve ``q`` (dtype, head dim, device).
+    returns the output; ``unsupported(q, chunk_size, q_positions)`` returns None or the
+    reason this backend cannot serve the call (dtype, head dim, chunk size);
+    ``available(device)`` says whether it runs on ``device`` at all and ``auto(device)``
+    whether ``backend=None`` may pick it there.
     """
 
-    def __init__(self, name: str, attend: Callable, unsupported: Callable = lambda q: None,
-                 available: Callable = lambda device: True):
+    def __init__(self, name: str, attend: Callable, unsupported: Callable = lambda q, chunk, pos: None,
+                 available: Callable = lambda device: True, auto: Callable = lambda device: True):
         self.name, self.attend, self.unsupported, self.available = name, attend, unsupported, available
+        self.auto = auto
 
 
 def _reference(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_tok=None):
@@ -38,12 +41,33 @@ def _torch(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_tok=None):
     return out
 
 
+def _triton(*args):
+    from . import triton_backend
+    return triton_backend.attend(*args)
+
+
+def _triton_unsupported(q, chunk_size, q_positions):
+    from . import triton_backend
+    return triton_backend.unsupported(q, chunk_size, q_positions)
+
+
+def _triton_available(device: torch.device) -> bool:
+    try:
+        from . import triton_backend
+    except ImportError:              # no triton installed
+        return False
+    return triton_backend.available(device)
+
+
 BACKENDS: Dict[str, Backend] = {
     "reference": Backend("reference", _reference),
     "torch": Backend("torch", _torch),
+    # on CPU only under TRITON_INTERPRET=1 (tests), and never chosen by backend=None there
+    "triton": Backend("triton", _triton, _triton_unsupported, _triton_available,
+                      auto=lambda device: device.type == "cuda"),
 }
-# Order in which backend=None tries them (fastest first); later issues prepend "triton".
-AUTO_ORDER = ["torch"]
+# Order in which backend=None tries them (fastest first).
+AUTO_ORDER = ["triton", "torch"]
 
 
 def available_backends(device: Optional[torch.device] = None) -> list:
@@ -53,22 +77,22 @@ def available_backends(device: Optional[torch.device] = None) -> list:
     return [name for name, b in BACKENDS.items() if b.available(torch.device(device))]
 
 
-def _pick_backend(backend: Optional[str], q: torch.Tensor) -> Backend:
+def _pick_backend(backend: Optional[str], q: torch.Tensor, chunk_size: int, q_positions=None) -> Backend:
     _checks.check_backend(backend, BACKENDS)
     if backend is None:
         for name in AUTO_ORDER:
             b = BACKENDS[name]
-            if b.available(q.device) and b.unsupported(q) is None:
+            if b.available(q.device) and b.auto(q.device) and b.unsupported(q, chunk_size, q_positions) is None:
                 return b
         raise ValueError("no MoBA backend supports these inputs")  # unreachable: torch serves all
     b = BACKENDS[backend]
     if not b.available(q.device):
         raise ValueError(f"backend {backend!r} is not available on {q.device}; available: "
                          f"{available_backends(q.device)}")
-    reason = b.unsupported(q)
+    reason = b.unsupported(q, chunk_size, q_positions)
     if reason is not None:
         raise ValueError(f"backend {backend!r} does not support these inputs ({reason}); "
-                         f"use backend='torch' (any dtype, any head_dim) or backend=None")
+                         f"use backend='torch' (any dtype, head_dim, chunk_size) or backend=None")
     return b
 
 
@@ -86,7 +110,8 @@ def moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, chunk_size, topk, softmax_
         topk: blocks per query, its own block included (>= 1).  ``topk >= blocks`` is dense
             causal attention, ``topk == 1`` is block-local causal attention.
         softmax_scale: defaults to ``1 / sqrt(D)``.
-        backend: ``"reference"``, ``"torch"`` or ``None`` (fastest available).
+        backend: ``"triton"`` (CUDA), ``"torch"``, ``"reference"`` or ``None`` (the fastest
+            that supports the inputs: ``triton`` on CUDA when it can, else ``torch``).
         q_positions: optional int64 ``[Tq]``, strictly ascending: the tokens of k/v at which the
             rows of ``q`` (then ``[Tq, Hq, D]``) sit.  For context parallelism: each rank's queries
             are a subset of the gathered sequence, attended with their global positions.
@@ -104,7 +129,7 @@ def moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, chunk_size, topk, softmax_
     chunk_size = _checks.check_int("chunk_size", chunk_size)
     topk = _checks.check_int("topk", topk)
     softmax_scale = _checks.check_softmax_scale(softmax_scale, q.shape[-1])
-    b = _pick_backend(backend, q)
+    b = _pick_backend(backend, q, chunk_size, q_positions)
     if q.shape[0] == 0:
         return q * 0
     return b.attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_positions)

@@ -1,0 +1,134 @@
+"""The ``triton`` backend: fused MoBA kernels (gate + top-k, forward, backward) for CUDA GPUs.
+
+    gate.py   block scores + running top-(k-1), no [tokens, heads, blocks] tensor
+    tiles.py  query tiles and the reverse index (key block -> the queries that chose it)
+    fwd.py    own block (causal) + earlier blocks merged by LSE
+    bwd.py    dK/dV per key tile (one writer, no atomics), dQ in a separate pass
+
+Limits (``unsupported`` names them; ``backend=None`` then falls back to ``torch``): float16,
+bfloat16 or float32; head dim a power of two in [16, 256]; ``chunk_size`` a multiple of 16; no
+``q_positions``.  On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``,
+for tests on tiny shapes; ``backend=None`` never picks it there).  Deterministic: no atomics.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .._checks import cu_seqlens_values
+from ..layout import block_layout
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def available(device: torch.device) -> bool:
+    return device.type == "cuda" or (device.type == "cpu" and INTERPRET)
+
+
+def unsupported(q: Tensor, chunk_size: int, q_positions: Optional[Tensor]) -> Optional[str]:
+    dim = q.shape[-1]
+    if q.dtype not in DTYPES:
+        return f"dtype {q.dtype}; the triton backend takes float16, bfloat16 or float32"
+    if dim < 16 or dim > 256 or dim & (dim - 1):
+        return f"head_dim {dim}; the triton backend takes a power of two from 16 to 256"
+    if chunk_size % 16:
+        return f"chunk_size {chunk_size}; the triton backend needs a multiple of 16"
+    if q_positions is not None:
+        return "q_positions; the triton backend attends every token"
+    return None
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_m: int      # query rows per own-block tile (divides chunk_size)
+    block_n: int      # keys per inner step
+    pair_m: int       # selection pairs per gathered tile
+    num_warps: int
+    num_stages: int
+
+
+def kernel_config(dim: int, chunk_size: int) -> KernelConfig:
+    """Tile sizes by head dim and chunk size (few enough that each compiles once)."""
+    block_m = next(b for b in (64, 32, 16) if chunk_size % b == 0)
+    if dim > 128:
+        return KernelConfig(min(block_m, 32), 32, 32, 4, 1)
+    return KernelConfig(block_m, 64 if dim <= 64 else 32, 64, 4, 2)
+
+
+def _plan(q, k, sel, cu_seqlens, chunk_size):
+    from .tiles import past_index, query_tiles
+    layout = block_layout(cu_seqlens_values(cu_seqlens, k.shape[0]), chunk_size, q.device)
+    cfg = kernel_config(q.shape[-1], chunk_size)
+    tiles = query_tiles(layout, cfg.block_m)
+    past = None if sel is None else past_index(sel, layout, torch.arange(q.shape[0], device=q.device),
+                                               k.shape[1], cfg.pair_m)
+    return layout, cfg, tiles, past
+
+
+@torch.library.custom_op("moba_kernels::triton_select", mutates_args=())
+def triton_select_op(q: Tensor, k: Tensor, cu_seqlens: Tensor, chunk_size: int, topk: int) -> Tensor:
+    from .gate import select_blocks_triton
+    layout, cfg, tiles, _ = _plan(q, k, None, cu_seqlens, chunk_size)
+    return select_blocks_triton(q, k, layout, topk, tiles, cfg.block_m)
+
+
+@triton_select_op.register_fake
+def _(q, k, cu_seqlens, chunk_size, topk):
+    return q.new_empty(q.shape[0], q.shape[1], topk, dtype=torch.int32)
+
+
+@torch.library.custom_op("moba_kernels::triton_fwd", mutates_args=())
+def triton_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, sel: Tensor, chunk_size: int,
+                  softmax_scale: float) -> Tuple[Tensor, Tensor]:
+    from .fwd import moba_fwd_triton
+    layout, cfg, tiles, past = _plan(q, k, sel, cu_seqlens, chunk_size)
+    return moba_fwd_triton(q, k, v, layout, tiles, past, softmax_scale, cfg)
+
+
+@triton_fwd_op.register_fake
+def _(q, k, v, cu_seqlens, sel, chunk_size, softmax_scale):
+    return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
+
+
+@torch.library.custom_op("moba_kernels::triton_bwd", mutates_args=())
+def triton_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
+                  sel: Tensor, chunk_size: int, softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+    from .bwd import moba_bwd_triton
+    layout, cfg, tiles, past = _plan(q, k, sel, cu_seqlens, chunk_size)
+    return moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale, cfg)
+
+
+@triton_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens, sel, chunk_size, softmax_scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, cu_seqlens, sel, chunk_size, softmax_scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sel)
+    ctx.mark_non_differentiable(lse)
+    ctx.chunk_size, ctx.softmax_scale = chunk_size, softmax_scale
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_seqlens, sel = ctx.saved_tensors
+    dq, dk, dv = triton_bwd_op(dout.contiguous(), q, k, v, out, lse, cu_seqlens, sel, ctx.chunk_size,
+                               ctx.softmax_scale)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("moba_kernels::triton_fwd", _backward, setup_context=_setup_context)
+
+
+def attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_tok=None):
+    """The backend entry (``api.Backend.attend``)."""
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    sel = triton_select_op(q.detach(), k.detach(), cu_seqlens, chunk_size, topk)
+    out, _ = triton_fwd_op(q, k, v, cu_seqlens, sel, chunk_size, softmax_scale)
+    return out

@@ -1,0 +1,189 @@
+"""MoBA backward in Triton (flash-attention style: scores recomputed from q, k and the saved LSE).
+
+* ``_dkdv_kernel``     one program per (key block, kv head, key tile): the one writer of those
+  keys' dK/dV.  It walks (1) the queries of the same block at or after the key tile (own block,
+  causal), for every query head of the kv head, then (2) the reverse index: every selection pair,
+  of any slot and query head, that chose this block (tiles.PastIndex.group_start).  No atomics.
+* ``_own_dq_kernel``   one program per (query tile, query head): dQ of the own block; writes dq.
+* ``_past_dq_kernel``  per slot, one program per pair tile: dQ of the earlier blocks, added to
+  the rows' dq (a row appears once per slot: race-free, deterministic).
+dq is accumulated in fp32; P = exp2(S * scale * log2e - lse * log2e), dS = P * (dP - delta) with
+delta = rowsum(dO * O).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fwd import LOG2E
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, IEEE: tl.constexpr):
+    """Accumulate one tile of queries (q/do [BM, D], lse2/delta [BM]) into dk/dv [BN, D]."""
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale                                      # [BM, BN]
+    p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+    dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+    dp = _dot(do, tl.trans(v), IEEE)
+    ds = p * (dp - delta[:, None])
+    dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, ROWS, GROUP_START, BLOCK_START, BLOCK_LEN,
+                 sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
+                 qk_scale, scale, HQ, HKV,
+                 GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                 IEEE: tl.constexpr):
+    grp, j = tl.program_id(0), tl.program_id(1)
+    blk, g = grp // HKV, grp % HKV
+    bstart, blen = tl.load(BLOCK_START + blk), tl.load(BLOCK_LEN + blk)
+    if j * BLOCK_N < blen:
+        d = tl.arange(0, D)
+        m = tl.arange(0, BLOCK_M)
+        kcol = bstart + j * BLOCK_N + tl.arange(0, BLOCK_N)
+        kin = kcol < bstart + blen
+        k = tl.load(K + kcol[:, None] * sk_t + g * sk_h + d[None, :], mask=kin[:, None], other=0.0)
+        v = tl.load(V + kcol[:, None] * sv_t + g * sv_h + d[None, :], mask=kin[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        # (1) own block: queries at or after the first key of this tile, causal
+        for hh in range(GROUP):
+            h = g * GROUP + hh
+            for r0 in range(bstart + j * BLOCK_N, bstart + blen, BLOCK_M):
+                rows = r0 + m
+                live = rows < bstart + blen
+                q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=live[:, None], other=0.0)
+                do = tl.load(DO + rows[:, None] * sdo_t + h * sdo_h + d[None, :], mask=live[:, None], other=0.0)
+                flat = rows * HQ + h
+                lse2 = tl.load(LSE + flat, mask=live, other=0.0) * 1.4426950408889634
+                delta = tl.load(DELTA + flat, mask=live, other=0.0)
+                visible = live[:, None] & kin[None, :] & (kcol[None, :] <= rows[:, None])
+                dk, dv = _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, IEEE)
+        # (2) earlier-block selections of this (block, kv head), all slots
+        p0, p1 = tl.load(GROUP_START + grp), tl.load(GROUP_START + grp + 1)
+        for r0 in range(p0, p1, BLOCK_M):
+            live = r0 + m < p1
+            flat = tl.load(ROWS + r0 + m, mask=live, other=0)
+            t, h = flat // HQ, flat % HQ
+            q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=live[:, None], other=0.0)
+            do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + d[None, :], mask=live[:, None], other=0.0)
+            lse2 = tl.load(LSE + flat, mask=live, other=0.0) * 1.4426950408889634
+            delta = tl.load(DELTA + flat, mask=live, other=0.0)
+            dk, dv = _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, live[:, None] & kin[None, :],
+                                        qk_scale, IEEE)
+        tl.store(DK + kcol[:, None] * sdk_t + g * sdk_h + d[None, :], (dk * scale).to(DK.dtype.element_ty),
+                 mask=kin[:, None])
+        tl.store(DV + kcol[:, None] * sdv_t + g * sdv_h + d[None, :], dv.to(DV.dtype.element_ty),
+                 mask=kin[:, None])
+
+
+@triton.jit
+def _dq_over_keys(q, do, lse2, delta, dq, K, V, k_lo, k_hi, rows, g, sk_t, sk_h, sv_t, sv_h, qk_scale,
+                  CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+    d = tl.arange(0, D)
+    for n0 in range(k_lo, k_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        inside = cols < k_hi
+        k = tl.load(K + cols[:, None] * sk_t + g * sk_h + d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * sv_t + g * sv_h + d[None, :], mask=inside[:, None], other=0.0)
+        visible = inside[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None])
+        s = _dot(q, tl.trans(k), IEEE) * qk_scale
+        p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
+        ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, IEEE)
+    return dq
+
+
+@triton.jit
+def _own_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T_START, T_LEN, T_BSTART,
+                   sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, qk_scale, scale, HQ,
+                   GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                   IEEE: tl.constexpr):
+    tile, h = tl.program_id(0), tl.program_id(1)
+    start, n, bstart = tl.load(T_START + tile), tl.load(T_LEN + tile), tl.load(T_BSTART + tile)
+    m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    rows = start + m
+    live = m < n
+    q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=live[:, None], other=0.0)
+    do = tl.load(DO + rows[:, None] * sdo_t + h * sdo_h + d[None, :], mask=live[:, None], other=0.0)
+    flat = rows * HQ + h
+    lse2 = tl.load(LSE + flat, mask=live, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + flat, mask=live, other=0.0)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    dq = _dq_over_keys(q, do, lse2, delta, dq, K, V, bstart, start + n, rows, h // GROUP,
+                       sk_t, sk_h, sv_t, sv_h, qk_scale, True, BLOCK_N, D, IEEE)
+    tl.store(DQ + flat[:, None] * D + d[None, :], dq * scale, mask=live[:, None])
+
+
+@triton.jit
+def _past_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, ROWS, TILE_PAIR, TILE_LEN, TILE_GROUP, BLOCK_START,
+                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, qk_scale, scale, HQ, HKV, tile_base,
+                    CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                    IEEE: tl.constexpr):
+    tile = tile_base + tl.program_id(0)
+    first, n, grp = tl.load(TILE_PAIR + tile), tl.load(TILE_LEN + tile), tl.load(TILE_GROUP + tile)
+    blk, g = grp // HKV, grp % HKV
+    m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    live = m < n
+    flat = tl.load(ROWS + first + m, mask=live, other=0)
+    t, h = flat // HQ, flat % HQ
+    q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=live[:, None], other=0.0)
+    do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + d[None, :], mask=live[:, None], other=0.0)
+    lse2 = tl.load(LSE + flat, mask=live, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + flat, mask=live, other=0.0)
+    kstart = tl.load(BLOCK_START + blk)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    dq = _dq_over_keys(q, do, lse2, delta, dq, K, V, kstart, kstart + CHUNK, m, g,
+                       sk_t, sk_h, sv_t, sv_h, qk_scale, False, BLOCK_N, D, IEEE)
+    ptr = DQ + flat[:, None] * D + d[None, :]
+    tl.store(ptr, tl.load(ptr, mask=live[:, None], other=0.0) + dq * scale, mask=live[:, None])
+
+
+def moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale: float, cfg):
+    """Gradients: dq [T, Hq, D], dk, dv [T, Hkv, D] in the input dtypes."""
+    total, hq, dim = q.shape
+    hkv = k.shape[1]
+    ieee = q.dtype == torch.float32
+    qk_scale = softmax_scale * LOG2E
+    delta = (dout.float() * out.float()).sum(-1).reshape(-1)                        # [T*Hq]
+    lse = lse.reshape(-1).contiguous()
+    dq = torch.empty(total * hq, dim, dtype=torch.float32, device=q.device)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    qkv = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+           dout.stride(0), dout.stride(1))
+    block_start = layout.block_start.to(torch.int32)
+    if layout.num_blocks:
+        _dkdv_kernel[(layout.num_blocks * hkv, triton.cdiv(layout.chunk_size, cfg.block_n))](
+            q, k, v, dout, lse, delta, dk, dv, past.rows, past.group_start, block_start,
+            layout.block_len.to(torch.int32), *qkv, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            qk_scale, softmax_scale, hq, hkv, GROUP=hq // hkv, BLOCK_M=cfg.pair_m, BLOCK_N=cfg.block_n,
+            D=dim, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if tiles.count:
+        _own_dq_kernel[(tiles.count, hq)](
+            q, k, v, dout, lse, delta, dq, tiles.start, tiles.length, tiles.block_start, *qkv,
+            qk_scale, softmax_scale, hq, GROUP=hq // hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=dim,
+            IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    base = 0
+    for count in past.slot_tiles:
+        if count:
+            _past_dq_kernel[(count,)](
+                q, k, v, dout, lse, delta, dq, past.rows, past.tile_pair, past.tile_len, past.tile_group,
+                block_start, *qkv, qk_scale, softmax_scale, hq, hkv, base, CHUNK=layout.chunk_size,
+                BLOCK_M=cfg.pair_m, BLOCK_N=cfg.block_n, D=dim, IEEE=ieee,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        base += count
+    return dq.view(total, hq, dim).to(q.dtype), dk, dv

@@ -1,0 +1,135 @@
+"""MoBA forward in Triton: the own block (causal), then the selected earlier blocks, slot by slot.
+
+Output is kept as a running fp32 accumulator ``acc`` [T*Hq, D] (already normalized) and its
+log-sum-exp ``lse`` [T*Hq] (natural log):
+
+* ``_own_fwd_kernel``   one program per (query tile, query head): flash attention of the tile
+  against the keys of its own block up to the tile's last row (causal mask on the diagonal);
+  writes acc / lse.
+* ``_past_fwd_kernel``  one launch per slot r; one program per tile of selection pairs that chose
+  the same (earlier key block, kv head) in slot r (tiles.PastIndex): the pairs' query rows
+  (any query heads of that kv head: native GQA, K/V read once per tile) against the whole block
+  (earlier blocks are full and entirely in the past: no mask), then merged into the rows'
+  acc / lse by log-sum-exp.  A row appears once per slot, so the read-modify-write is race-free.
+
+Exponentials are base 2 (``exp2``) with the scale folded in, as in flash-attention.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _attend_tile(q, K, V, m_i, l_i, acc, k_lo, k_hi, rows, g, sk_t, sk_h, sv_t, sv_h, qk_scale,
+                 CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+    """Online softmax of q [BM, D] over keys [k_lo, k_hi) of kv head g (scores in log2 units)."""
+    d = tl.arange(0, D)
+    for n0 in range(k_lo, k_hi, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        inside = cols < k_hi
+        k = tl.load(K + cols[:, None] * sk_t + g * sk_h + d[None, :], mask=inside[:, None], other=0.0)
+        v = tl.load(V + cols[:, None] * sv_t + g * sv_h + d[None, :], mask=inside[:, None], other=0.0)
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, tl.trans(k)) * qk_scale
+        visible = inside[None, :]
+        if CAUSAL:
+            visible = visible & (cols[None, :] <= rows[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
+def _own_fwd_kernel(Q, K, V, ACC, LSE, T_START, T_LEN, T_BSTART,
+                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, qk_scale, HQ,
+                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                    IEEE: tl.constexpr):
+    tile, h = tl.program_id(0), tl.program_id(1)
+    start, n, bstart = tl.load(T_START + tile), tl.load(T_LEN + tile), tl.load(T_BSTART + tile)
+    m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    rows = start + m
+    live = m < n
+    q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=live[:, None], other=0.0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m_i, l_i, acc = _attend_tile(q, K, V, m_i, l_i, acc, bstart, start + n, rows, h // GROUP,
+                                 sk_t, sk_h, sv_t, sv_h, qk_scale, True, BLOCK_N, D, IEEE)
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    flat = rows * HQ + h
+    tl.store(ACC + flat[:, None] * D + d[None, :], acc / l_safe[:, None], mask=live[:, None])
+    tl.store(LSE + flat, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=live)
+
+
+@triton.jit
+def _past_fwd_kernel(Q, K, V, ACC, LSE, ROWS, TILE_PAIR, TILE_LEN, TILE_GROUP, BLOCK_START,
+                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, qk_scale, HQ, HKV, tile_base,
+                     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
+                     IEEE: tl.constexpr):
+    tile = tile_base + tl.program_id(0)
+    first, n, grp = tl.load(TILE_PAIR + tile), tl.load(TILE_LEN + tile), tl.load(TILE_GROUP + tile)
+    blk, g = grp // HKV, grp % HKV
+    m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    live = m < n
+    flat = tl.load(ROWS + first + m, mask=live, other=0)                         # token * HQ + head
+    q = tl.load(Q + (flat // HQ)[:, None] * sq_t + (flat % HQ)[:, None] * sq_h + d[None, :],
+                mask=live[:, None], other=0.0)
+    kstart = tl.load(BLOCK_START + blk)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    m_i, l_i, acc = _attend_tile(q, K, V, m_i, l_i, acc, kstart, kstart + CHUNK, m, g,
+                                 sk_t, sk_h, sv_t, sv_h, qk_scale, False, BLOCK_N, D, IEEE)
+    lse_p = (m_i + tl.log2(l_i)) * 0.6931471805599453                            # natural log, finite
+    lse_a = tl.load(LSE + flat, mask=live, other=0.0)
+    o_a = tl.load(ACC + flat[:, None] * D + d[None, :], mask=live[:, None], other=0.0)
+    top = tl.maximum(lse_a, lse_p)
+    w_a, w_p = tl.exp(lse_a - top), tl.exp(lse_p - top)
+    tot = w_a + w_p
+    tl.store(ACC + flat[:, None] * D + d[None, :],
+             (o_a * w_a[:, None] + (acc / l_i[:, None]) * w_p[:, None]) / tot[:, None], mask=live[:, None])
+    tl.store(LSE + flat, top + tl.log(tot), mask=live)
+
+
+def moba_fwd_triton(q, k, v, layout, tiles, past, softmax_scale: float, cfg):
+    """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D] (dtype of q), lse [T, Hq] fp32."""
+    total, hq, dim = q.shape
+    hkv = k.shape[1]
+    ieee = q.dtype == torch.float32
+    acc = torch.empty(total * hq, dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(total * hq, dtype=torch.float32, device=q.device)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
+    qk_scale = softmax_scale * LOG2E
+    if tiles.count:
+        _own_fwd_kernel[(tiles.count, hq)](
+            q, k, v, acc, lse, tiles.start, tiles.length, tiles.block_start, *strides, qk_scale, hq,
+            GROUP=hq // hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=dim, IEEE=ieee,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    block_start = layout.block_start.to(torch.int32)
+    base = 0
+    for count in past.slot_tiles:
+        if count:
+            _past_fwd_kernel[(count,)](
+                q, k, v, acc, lse, past.rows, past.tile_pair, past.tile_len, past.tile_group, block_start,
+                *strides, qk_scale, hq, hkv, base, CHUNK=layout.chunk_size, BLOCK_M=cfg.pair_m,
+                BLOCK_N=cfg.block_n, D=dim, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        base += count
+    return acc.view(total, hq, dim).to(q.dtype), lse.view(total, hq)

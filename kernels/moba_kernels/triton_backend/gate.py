@@ -1,0 +1,77 @@
+"""Fused MoBA gate: block scores and the running top-(k-1) in one pass, per query tile.
+
+For a tile of ``BLOCK_M`` queries (one own block ``c``, see tiles.py) and one query head, the
+kernel walks the earlier blocks ``0..c-1`` of the sequence ``BLOCK_N`` at a time, scores them
+against the mean-pooled keys (fp32, IEEE) and merges each score tile into a running top-(k-1)
+kept in registers.  The ``[tokens, heads, blocks]`` score tensor never exists: memory is
+O(tokens x heads x topk).  Semantics are those of ``moba_kernels.gate.select_blocks``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..gate import block_mean_keys
+from ..layout import BlockLayout
+from .tiles import QueryTiles
+
+
+@triton.jit
+def _gate_topk_kernel(Q, KM, OUT, T_START, T_LEN, T_OWN, T_FIRST,
+                      sq_t, sq_h, skm_b, skm_h, so_t, so_h,
+                      GROUP: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    tile, h = tl.program_id(0), tl.program_id(1)
+    start, n = tl.load(T_START + tile), tl.load(T_LEN + tile)
+    own, first = tl.load(T_OWN + tile), tl.load(T_FIRST + tile)
+    m = tl.arange(0, BLOCK_M)
+    d = tl.arange(0, D)
+    rows = start + m
+    q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=(m < n)[:, None], other=0.0)
+    q = q.to(tl.float32)                                                            # [BM, D]
+    slot = tl.arange(0, KP)[None, :]
+    # padding slots (>= K1) hold +inf so they are never the minimum that gets replaced
+    top_v = tl.where(slot < K1, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KP], tl.float32)
+    top_i = tl.full([BLOCK_M, KP], -1, tl.int32)
+    cols = tl.arange(0, BLOCK_N)
+    for j0 in range(0, own, BLOCK_N):
+        blk = j0 + cols
+        km = tl.load(KM + (first + blk)[:, None] * skm_b + (h // GROUP) * skm_h + d[None, :],
+                     mask=(blk < own)[:, None], other=0.0)                          # [BN, D]
+        s = tl.dot(q, tl.trans(km), input_precision="ieee")                          # [BM, BN]
+        s = tl.where((blk < own)[None, :], s, float("-inf"))
+        for _ in tl.static_range(K1):          # move the tile's best entries into the running top-(k-1)
+            best = tl.max(s, 1)
+            best_at = tl.argmax(s, 1)
+            worst = tl.min(top_v, 1)
+            worst_at = tl.argmin(top_v, 1)
+            take = (best > worst)[:, None] & (slot == worst_at[:, None])
+            top_v = tl.where(take, best[:, None], top_v)
+            top_i = tl.where(take, (j0 + best_at)[:, None].to(tl.int32), top_i)
+            s = tl.where(cols[None, :] == best_at[:, None], float("-inf"), s)
+    top_i = tl.where(top_v == float("-inf"), -1, top_i)
+    tl.store(OUT + rows[:, None] * so_t + h * so_h + slot, top_i, mask=(m < n)[:, None] & (slot < K1))
+
+
+def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int,
+                         tiles: QueryTiles, block_m: int) -> torch.Tensor:
+    """Same contract as ``gate.select_blocks`` (no ``q_tok``): int32 ``[T, Hq, topk]``, ascending,
+    own block last among the valid entries, -1 padding."""
+    total, hq, dim = q.shape
+    own = layout.token_local_block.to(torch.int32)[:, None, None].expand(total, hq, 1)
+    if topk == 1:
+        return own.contiguous()
+    kmean = block_mean_keys(k, layout)                                              # [NB, Hkv, D] fp32
+    past = torch.empty(total, hq, topk - 1, dtype=torch.int32, device=q.device)
+    if tiles.count:
+        _gate_topk_kernel[(tiles.count, hq)](
+            q, kmean, past, tiles.start, tiles.length, tiles.own, tiles.first_block,
+            q.stride(0), q.stride(1), kmean.stride(0), kmean.stride(1), past.stride(0), past.stride(1),
+            GROUP=hq // k.shape[1], K1=topk - 1, KP=triton.next_power_of_2(topk - 1),
+            BLOCK_M=block_m, BLOCK_N=32, D=dim)
+    sel = torch.cat([past, own], dim=-1)
+    # ascending with the -1 padding at the end (the own block is the largest valid id)
+    big = torch.iinfo(torch.int32).max
+    ordered = torch.sort(torch.where(sel < 0, big, sel), dim=-1).values
+    return ordered.masked_fill_(ordered == big, -1)
