@@ -1,0 +1,224 @@
+"""LM loss by position within a document, for checkpoints of the training job.
+
+    from megatron_moba.positional_loss import read_documents, evaluate_checkpoint
+    docs = read_documents("data/eval_text_document", max_tokens=16385, num_docs=256)
+    result = evaluate_checkpoint("runs/moba/ckpt", docs, bucket_width=2048, trailing_tokens=2048)
+    result["buckets"]   # [{bucket: "0k-2k", start, end, loss, tokens, documents}, ...]
+
+Every document is evaluated on its own, from its first token, truncated to ``seq_length + 1``
+tokens (the checkpoint's --seq-length unless given).  The loss at position p is the loss of
+predicting token p+1 from tokens 0..p, so a sequence of length s scores positions 0..s-1.
+Bucket [a, b) averages the losses at positions a..b-1 over the documents that reach position a
+(documents with more than a+1 tokens); a shorter document is left out of that bucket, a longer
+one contributes its positions inside the bucket.  The trailing loss is the mean loss of the last
+N positions of the documents evaluated at the full length (at least seq_length + 1 tokens).
+``tools/eval_positional_loss.py`` is the command line.
+"""
+from __future__ import annotations
+
+import csv
+import gc
+import json
+import os
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from .evaluation import load_for_eval, saved_args, token_losses
+
+CSV_FIELDS = ("label", "checkpoint", "variant", "iteration", "seq_length", "kind", "bucket", "start", "end",
+              "loss", "tokens", "documents")
+
+
+def bucket_name(start: int, end: int) -> str:
+    """"0k-2k" where both ends are multiples of 1024 tokens, else token counts ("0-64")."""
+    if start % 1024 == 0 and end % 1024 == 0:
+        return f"{start // 1024}k-{end // 1024}k"
+    return f"{start}-{end}"
+
+
+def make_buckets(seq_length: int, width: int) -> List[tuple]:
+    """[(name, start, end)] covering positions 0..seq_length-1 (the last may be narrower)."""
+    if width < 1:
+        raise ValueError(f"--bucket-width must be >= 1 (got {width})")
+    if width > seq_length:
+        raise ValueError(f"--bucket-width ({width}) is larger than the sequence length ({seq_length}): "
+                         "lower --bucket-width or evaluate at a longer --seq-length")
+    return [(bucket_name(a, min(a + width, seq_length)), a, min(a + width, seq_length))
+            for a in range(0, seq_length, width)]
+
+
+def read_documents(prefix: str, max_tokens: int, num_docs: Optional[int] = None, min_tokens: int = 2) -> list:
+    """The first ``num_docs`` documents (all when None) of the indexed dataset ``prefix`` that have at
+    least ``min_tokens`` tokens, each cut to its first ``max_tokens``: a list of int64 arrays."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    if not IndexedDataset.exists(prefix):
+        raise FileNotFoundError(f"--data-path {prefix}: {prefix}.idx and {prefix}.bin not found "
+                                "(give the prefix of a megatron indexed dataset)")
+    if os.path.getsize(prefix + ".bin") == 0:                       # (megatron cannot even open it)
+        raise ValueError(f"--data-path {prefix}: the dataset has no documents ({prefix}.bin is empty)")
+    ds = IndexedDataset(prefix)
+    if len(ds) == 0:
+        raise ValueError(f"--data-path {prefix}: the dataset has no documents")
+    lengths = ds.sequence_lengths                                    # [documents]
+    docs = []
+    for i in np.nonzero(lengths >= min_tokens)[0]:
+        if num_docs is not None and len(docs) >= num_docs:
+            break
+        docs.append(ds.get(int(i), 0, int(min(lengths[i], max_tokens))).astype(np.int64))
+    if not docs:
+        raise ValueError(f"--data-path {prefix}: no document has {min_tokens} tokens or more "
+                         f"(the longest has {int(lengths.max())})")
+    return docs
+
+
+class BucketSums:
+    """Running loss sums, token and document counts per bucket, and of the trailing positions."""
+
+    def __init__(self, buckets: List[tuple], seq_length: int, trailing_tokens: int):
+        self.buckets, self.seq_length, self.trailing = buckets, seq_length, trailing_tokens
+        self.sums = np.zeros(len(buckets))                            # [buckets] float64
+        self.tokens = np.zeros(len(buckets), dtype=np.int64)
+        self.docs = np.zeros(len(buckets), dtype=np.int64)
+        self.trail_sum, self.trail_docs = 0.0, 0
+
+    def add(self, losses: np.ndarray) -> None:
+        """One document's losses [n], n = its token count (capped at seq_length + 1) - 1."""
+        n = len(losses)
+        for i, (_, a, b) in enumerate(self.buckets):
+            if n > a:
+                self.sums[i] += float(losses[a:min(n, b)].sum(dtype=np.float64))
+                self.tokens[i] += min(n, b) - a
+                self.docs[i] += 1
+        if n == self.seq_length:
+            self.trail_sum += float(losses[n - self.trailing:].sum(dtype=np.float64))
+            self.trail_docs += 1
+
+    def rows(self) -> list:
+        return [dict(bucket=name, start=a, end=b, loss=float(self.sums[i] / self.tokens[i]) if self.tokens[i] else None,
+                     tokens=int(self.tokens[i]), documents=int(self.docs[i]))
+                for i, (name, a, b) in enumerate(self.buckets)]
+
+
+def document_losses(model, docs: list, seq_length: int, micro_batch_size: int = 1, pad_id: int = 0,
+                    progress: bool = False):
+    """Yield (document index, losses [n] float32 numpy) for every document, longest first.  Documents
+    of a micro-batch are padded at the end; causal attention (MoBA's too: a query only gates blocks
+    before its own) keeps the padding out of the real positions."""
+    order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
+    steps = range(0, len(order), micro_batch_size)
+    if progress:
+        from tqdm import tqdm
+        steps = tqdm(steps, desc="evaluating", unit=" batches")
+    for start in steps:
+        idx = order[start:start + micro_batch_size]
+        seqs = [docs[i][:seq_length + 1] for i in idx]
+        tokens = torch.full((len(seqs), len(seqs[0])), pad_id, dtype=torch.long)   # [b, s+1]
+        for j, s in enumerate(seqs):
+            tokens[j, :len(s)] = torch.from_numpy(s)
+        losses = token_losses(model, tokens).cpu().numpy()                            # [b, s]
+        for j, i in enumerate(idx):
+            yield i, losses[j, :len(seqs[j]) - 1]
+
+
+def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, trailing_tokens: Optional[int] = None,
+                        seq_length: Optional[int] = None, micro_batch_size: int = 1, label: Optional[str] = None,
+                        tensor_model_parallel_size: int = 1, progress: bool = False) -> dict:
+    """Positional and trailing loss of one checkpoint on ``docs`` (see the module docstring)."""
+    check_checkpoint(load_dir)
+    s = seq_length or saved_args(load_dir).seq_length
+    buckets = make_buckets(s, bucket_width)
+    trailing = bucket_width if trailing_tokens is None else trailing_tokens
+    if not 1 <= trailing <= s:
+        raise ValueError(f"--trailing-tokens ({trailing}) must be between 1 and the sequence length ({s})")
+    longest = max(len(d) for d in docs)
+    if longest < s + 1:
+        raise ValueError(f"no document is long enough for sequence length {s}: that needs {s + 1} tokens, the longest "
+                         f"has {longest} (lower --seq-length, or evaluate on --data-path with longer documents)")
+    model, args, tokenizer = load_for_eval(load_dir, seq_length=s, tensor_model_parallel_size=tensor_model_parallel_size)
+    top = max(int(d.max()) for d in docs)
+    if top >= tokenizer.vocab_size:
+        raise ValueError(f"the documents hold token id {top}, outside the vocabulary of {load_dir} "
+                         f"({tokenizer.vocab_size}): were they tokenized with the checkpoint's tokenizer?")
+    sums = BucketSums(buckets, s, trailing)
+    for _, losses in document_losses(model, docs, s, micro_batch_size, tokenizer.eod, progress):
+        sums.add(losses)
+    rows = sums.rows()
+    evaluated = sum(r["tokens"] for r in rows)
+    result = dict(label=label or default_label(load_dir), checkpoint=load_dir, variant=args.attention,
+                  iteration=_iteration(load_dir), seq_length=s, bucket_width=bucket_width,
+                  moba_chunk_size=args.moba_chunk_size, moba_topk=args.moba_topk, documents=len(docs),
+                  overall_loss=float(sum(sums.sums) / evaluated), overall_tokens=int(evaluated), buckets=rows,
+                  trailing_tokens=trailing, trailing_documents=sums.trail_docs,
+                  trailing_loss=sums.trail_sum / (sums.trail_docs * trailing) if sums.trail_docs else None)
+    del model
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
+
+
+def check_checkpoint(load_dir: str) -> None:
+    from .checkpointing import LATEST
+    if not os.path.isdir(load_dir):
+        raise FileNotFoundError(f"--load {load_dir}: no such checkpoint directory")
+    if not os.path.isfile(os.path.join(load_dir, LATEST)):
+        raise FileNotFoundError(f"--load {load_dir}: not a checkpoint directory of the training job (no {LATEST})")
+
+
+def _iteration(load_dir: str) -> int:
+    from .checkpointing import read_latest
+    return read_latest(load_dir)
+
+
+def default_label(load_dir: str) -> str:
+    return os.path.basename(os.path.normpath(load_dir))
+
+
+def result_rows(result: dict) -> list:
+    """CSV rows of one checkpoint: its buckets, then "all" positions and the trailing positions."""
+    head = {k: result[k] for k in ("label", "checkpoint", "variant", "iteration", "seq_length")}
+    s, n = result["seq_length"], result["trailing_tokens"]
+    rows = [dict(head, kind="bucket", **b) for b in result["buckets"]]
+    rows.append(dict(head, kind="all", bucket="all", start=0, end=s, loss=result["overall_loss"],
+                     tokens=result["overall_tokens"], documents=result["documents"]))
+    if result["trailing_loss"] is not None:
+        rows.append(dict(head, kind="trailing", bucket=f"last {n}", start=s - n, end=s, loss=result["trailing_loss"],
+                         tokens=n * result["trailing_documents"], documents=result["trailing_documents"]))
+    return rows
+
+
+def write_results(results: list, out_dir: str, name: str = "positional_loss") -> tuple:
+    """DIR/NAME.json (everything) and DIR/NAME.csv (one row per checkpoint and bucket)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = os.path.join(out_dir, name + ".json"), os.path.join(out_dir, name + ".csv")
+    with open(paths[0], "w") as f:
+        json.dump(results, f, indent=1)
+    with open(paths[1], "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in results:
+            w.writerows(result_rows(r))
+    return paths
+
+
+def plot_results(results: list, path: str) -> str:
+    """Loss against position (bucket midpoints), one line per checkpoint; MoBA solid, full dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for r in results:
+        pts = [((b["start"] + b["end"]) / 2, b["loss"]) for b in r["buckets"] if b["loss"] is not None]
+        ax.plot(*zip(*pts), "o-" if r["variant"] == "moba" else "s--", label=f"{r['label']} ({r['variant']})")
+    ax.set_xlabel("position in document (tokens, bucket midpoint)")
+    ax.set_ylabel("LM loss")
+    ax.set_title(f"LM loss by position (buckets of {results[0]['bucket_width']} tokens)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
