@@ -1,0 +1,227 @@
+"""Passkey (needle-in-a-haystack) retrieval: prompts in token space, greedy scoring, tables, heat maps.
+
+    from megatron_moba.needle import PromptBuilder, model_logits_fn, evaluate
+    builder = PromptBuilder(tokenizer)
+    prompt = builder.build(length=4096, depth=0.5, passkey="48213")
+    rows = evaluate(model_logits_fn(model, tokenizer.vocab_size), builder, [1024, 4096], [0, 0.5, 1], passkeys)
+
+A prompt of ``length`` tokens (the prompt plus the answer tokens) is filler repeated, the needle
+inserted at token ``round(depth * haystack)`` (0 = first token, 1 = right before the question),
+and the question last.  Text tokenizers (SentencePiece, HF) get
+
+    filler    " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+    needle    " The pass key is 48213. Remember it. 48213 is the pass key."
+    question  " What is the pass key? The pass key is"         answer: the tokens of " 48213" after it
+
+each piece tokenized on its own (every piece opens with a space, so the pieces join as text would).
+NullTokenizer (text is space-separated integer ids) gets an integer prompt with reserved ids:
+digit d is id d (0-9), ``KEY`` = 10, ``KEY_END`` = 11, ``QUERY`` = 12, filler is a fixed repeating
+pattern of ids >= 13; needle ``KEY d1..dn KEY_END``, question ``QUERY KEY``, answer ``d1..dn``: an
+induction/copy task (after ``QUERY KEY``, copy what followed the earlier ``KEY``).
+
+A trial is correct when greedy decoding (the full forward re-run per generated token) reproduces
+every answer token.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = " What is the pass key? The pass key is"
+KEY, KEY_END, QUERY, FIRST_FILLER = 10, 11, 12, 13      # NullTokenizer ids (digits are 0-9)
+FILLER_IDS = 64                                          # length of the NullTokenizer filler pattern
+
+
+@dataclass
+class Prompt:
+    tokens: List[int]       # the prompt; len(tokens) + len(answer) == length
+    answer: List[int]       # the tokens greedy decoding must produce
+    passkey: str
+    needle_start: int       # index in tokens of the needle's first token
+    needle_len: int
+
+
+class PromptBuilder:
+    """Builds passkey prompts for one tokenizer (see the module docstring)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.integer = tokenizer.name == "NullTokenizer"
+        if self.integer:
+            usable = tokenizer.eod                      # ids 0 .. eod-1 are the vocabulary
+            if usable < FIRST_FILLER + 3:
+                raise ValueError(f"the NullTokenizer vocabulary ({usable}) is too small for the passkey "
+                                 f"prompt: it needs ids 0..{FIRST_FILLER + 2}")
+            span = list(range(FIRST_FILLER, usable))
+            self.filler = random.Random(0).choices(span, k=min(FILLER_IDS, len(span) * 4))
+        else:
+            self.filler = tokenizer.tokenize(FILLER)
+            self.question = tokenizer.tokenize(QUESTION)
+
+    def pieces(self, passkey: str):
+        """(needle, question, answer) token lists for one passkey."""
+        if self.integer:
+            digits = [int(c) for c in passkey]
+            return [KEY, *digits, KEY_END], [QUERY, KEY], digits
+        tok = self.tokenizer.tokenize
+        whole = tok(QUESTION + " " + passkey)
+        n = len(self.question)
+        answer = whole[n:] if whole[:n] == self.question else tok(" " + passkey)
+        return tok(NEEDLE.format(key=passkey)), list(self.question), answer
+
+    def overhead(self, passkey: str) -> int:
+        """Tokens of a prompt that are not filler."""
+        return sum(len(p) for p in self.pieces(passkey))
+
+    def build(self, length: int, depth: float, passkey: str) -> Prompt:
+        needle, question, answer = self.pieces(passkey)
+        room = length - len(needle) - len(question) - len(answer)        # filler tokens
+        if room < 0:
+            raise ValueError(f"--lengths {length} is too short: the needle, question and answer alone take "
+                             f"{length - room} tokens")
+        haystack = (self.filler * (room // len(self.filler) + 1))[:room]
+        at = round(depth * room)
+        return Prompt(haystack[:at] + needle + haystack[at:] + question, answer, passkey, at, len(needle))
+
+
+def make_passkeys(trials: int, digits: int = 5, seed: int = 0) -> List[str]:
+    """``trials`` random passkeys of ``digits`` digits (no leading zero); the same for every cell."""
+    rng = random.Random(seed)
+    return [str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)) for _ in range(trials)]
+
+
+def model_logits_fn(model, vocab_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A GPT from load_for_eval as a function tokens [b, n] -> logits [b, n, vocab_size] (padding rows cut)."""
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def logits(tokens: torch.Tensor) -> torch.Tensor:
+        tokens = tokens.to(device)                                                  # [b, n]
+        position_ids = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
+        return model(tokens, position_ids, attention_mask=None)[..., :vocab_size].float()   # [b, n, V]
+    return logits
+
+
+def greedy_decode(logits_fn, tokens: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy continuation: tokens [b, n] -> generated [b, steps], re-running the full forward per token."""
+    seq = tokens
+    for _ in range(steps):
+        nxt = logits_fn(seq)[:, -1].argmax(-1)                                      # [b]
+        seq = torch.cat([seq, nxt[:, None].to(seq)], dim=1)
+    return seq[:, tokens.shape[1]:]
+
+
+def score(logits_fn, prompts: Sequence[Prompt], batch_size: int = 8) -> List[List[int]]:
+    """Greedy continuations of the prompts, as many tokens as each answer (prompts of equal
+    prompt and answer lengths are decoded together)."""
+    out: List[Optional[List[int]]] = [None] * len(prompts)
+    groups: Dict[tuple, List[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault((len(p.tokens), len(p.answer)), []).append(i)
+    for (_, steps), idx in groups.items():
+        for b0 in range(0, len(idx), batch_size):
+            chunk = idx[b0:b0 + batch_size]
+            tokens = torch.tensor([prompts[i].tokens for i in chunk], dtype=torch.long)     # [b, n]
+            generated = greedy_decode(logits_fn, tokens, steps).tolist()                # [b, steps]
+            for i, g in zip(chunk, generated):
+                out[i] = g
+    return out
+
+
+def evaluate(logits_fn, builder: PromptBuilder, lengths: Sequence[int], depths: Sequence[float],
+             passkeys: Sequence[str], batch_size: int = 8, progress: bool = False) -> List[dict]:
+    """One row per (length, depth): accuracy over the passkeys, and each trial's greedy output."""
+    from tqdm import tqdm
+    cells = [(n, d) for n in lengths for d in depths]
+    rows = []
+    for length, depth in tqdm(cells, desc="needle", unit="cell", disable=not progress):
+        prompts = [builder.build(length, depth, key) for key in passkeys]
+        generated = score(logits_fn, prompts, batch_size)
+        correct = [g == p.answer for g, p in zip(generated, prompts)]
+        rows.append(dict(length=length, depth=depth, accuracy=sum(correct) / len(correct), trials=len(correct),
+                         correct=sum(correct), passkeys=list(passkeys),
+                         predictions=[builder.tokenizer.detokenize(g) for g in generated]))
+    return rows
+
+
+def check_lengths(args, lengths: Sequence[int], flag: str = "--lengths") -> Optional[int]:
+    """The sequence length to load the checkpoint at (None: its own), or a ValueError naming ``flag``."""
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"{flag} must be positive integers, got {list(lengths)}")
+    longest = max(lengths)
+    if longest <= args.seq_length:
+        return None
+    if args.position_embedding_type != "rope":
+        raise ValueError(f"{flag} {longest} exceeds the checkpoint's --seq-length {args.seq_length}, and its "
+                         f"{args.position_embedding_type} position embeddings do not extend (only RoPE checkpoints "
+                         "can be evaluated beyond their training length)")
+    return longest
+
+
+def write_table(rows: List[dict], out_dir: str) -> List[str]:
+    """needle.json (rows with the trials' predictions) and needle.csv (the accuracy table)."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "needle.json"), os.path.join(out_dir, "needle.csv")]
+    with open(paths[0], "w") as f:
+        json.dump(rows, f, indent=1)
+    fields = ["label", "variant", "length", "depth", "accuracy", "trials"]
+    with open(paths[1], "w", newline="") as f:
+        w = csv.DictWriter(f, fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return paths
+
+
+def format_table(rows: List[dict]) -> str:
+    """Accuracy as text: one block per checkpoint, depths down, lengths across."""
+    lines = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        mine = [r for r in rows if r["label"] == label]
+        lengths, depths = sorted({r["length"] for r in mine}), sorted({r["depth"] for r in mine})
+        acc = {(r["length"], r["depth"]): r["accuracy"] for r in mine}
+        lines.append(f"{label} ({mine[0]['variant']}), accuracy over {mine[0]['trials']} trials")
+        lines.append("depth \\ length " + "".join(f"{n:>8}" for n in lengths))
+        lines += [f"{d:>14.2f} " + "".join(f"{acc[(n, d)]:>8.2f}" for n in lengths) for d in depths]
+    return "\n".join(lines)
+
+
+def plot_heatmap(rows: List[dict], path: str) -> str:
+    """Accuracy of one checkpoint as a depth x length heat map (PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lengths, depths = sorted({r["length"] for r in rows}), sorted({r["depth"] for r in rows})
+    acc = torch.full((len(depths), len(lengths)), float("nan"))                   # [depths, lengths]
+    for r in rows:
+        acc[depths.index(r["depth"]), lengths.index(r["length"])] = r["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.2 * len(lengths) + 2.5, 0.6 * len(depths) + 2))
+    im = ax.imshow(acc.numpy(), cmap="RdYlGn", vmin=0, vmax=1, aspect="auto")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            a = acc[i, j].item()
+            ax.text(j, i, f"{a:.2f}", ha="center", va="center", fontsize=9,
+                    color="white" if a < 0.2 or a > 0.85 else "black")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("needle depth")
+    r = rows[0]
+    ax.set_title(f"{r['label']} ({r['variant']}): passkey accuracy, {r['trials']} trials per cell", fontsize=10)
+    fig.colorbar(im, ax=ax, label="accuracy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def safe_name(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
