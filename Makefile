@@ -31,8 +31,8 @@ bench: $(STAMP)  ## attention benchmark on this machine (table + JSON in benchma
 	$(BIN)/python tools/bench_attention.py --out benchmarks/results/bench_attention_$$(uname -n | tr -c 'a-zA-Z0-9\n' _).json
 
 lint: $(STAMP)  ## bash -n and shellcheck on the launch scripts, byte-compile the Python
-	for f in examples/*.sh examples/slurm/*.sbatch .ci/run; do bash -n "$$f" || exit 1; done
-	shellcheck -x examples/*.sh examples/slurm/*.sbatch .ci/run
+	for f in examples/*.sh examples/slurm/*.sbatch benchmarks/*.sh .ci/run; do bash -n "$$f" || exit 1; done
+	shellcheck -x examples/*.sh examples/slurm/*.sbatch benchmarks/*.sh .ci/run
 	$(BIN)/python -m compileall -q kernels megatron_moba tools examples tests
 
 docker:  ## build the image on NVIDIA's PyTorch container (needs a Docker engine)

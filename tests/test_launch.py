@@ -12,7 +12,7 @@ from megatron_moba.arguments import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh")) + glob.glob(os.path.join(ROOT, "examples", "slurm", "*.sbatch"))
-                 + [os.path.join(ROOT, ".ci", "run")])
+                 + glob.glob(os.path.join(ROOT, "benchmarks", "*.sh")) + [os.path.join(ROOT, ".ci", "run")])
 
 
 def _dry(script, env=None, path_prefix=None):

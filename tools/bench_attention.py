@@ -3,6 +3,15 @@
 
     python tools/bench_attention.py --seqlens 2048,4096,8192,16384,32768 --chunk-size 512 --topk 3 \
         --heads 4 --kv-heads 4 --head-dim 64 --dtype fp32 --out benchmarks/results/bench_cpu.json
+    python tools/bench_attention.py --device cuda --dtype bf16 --heads 16 --kv-heads 4 --head-dim 128 \
+        --impls sdpa_flash,sdpa_cudnn,flex,torch,triton --seqlens 8192,32768,131072 --out gpu.json
+
+Implementations: ``sdpa`` (dense causal, PyTorch's own backend choice), ``sdpa_flash`` and
+``sdpa_cudnn`` (dense causal pinned to that SDPA backend), ``flex`` (compiled flex_attention with
+a block mask encoding the same MoBA selection), and the MoBA backends (``triton``, ``torch``,
+``reference``).  Speedups are against ``sdpa_flash`` when it ran, else ``sdpa``.
+TFLOP/s count only the (query, key) pairs each implementation attends (dense causal for SDPA).
+``first_call_s`` is the first call's time (Triton compilation and autotuning included).
 
 Each (implementation, sequence length, mode) runs in a fresh subprocess, so its peak memory
 is its own: CUDA's peak allocated bytes on GPU, the CPU allocator's peak (from the profiler's
@@ -39,7 +48,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--impls", default="sdpa,torch,reference",
-                   help="comma-separated: sdpa (dense causal baseline) and MoBA backends")
+                   help="comma-separated: sdpa, sdpa_flash, sdpa_cudnn (dense causal baselines), flex, "
+                        "and MoBA backends (triton, torch, reference)")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
     p.add_argument("--reference-max-seqlen", type=int, default=16384,
                    help="skip the O(S^2)-memory reference backend above this length")
@@ -64,6 +74,40 @@ def attended_pairs(q, k, chunk, topk):
     full = torch.clamp(seqlen - sel * chunk, max=chunk)                 # keys in each selected block
     keys = torch.where(sel == own, pos % chunk + 1, full)
     return int(torch.where(sel >= 0, keys, 0).sum())
+
+
+def _sdpa(q, k, v, backend=None):
+    """Dense causal attention, [B, S, H, D] in and out; GQA through enable_gqa."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    gqa = q.shape[2] != k.shape[2]
+    if backend is None:
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+    with sdpa_kernel([getattr(SDPBackend, backend)]):
+        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa).transpose(1, 2)
+
+
+def _flex_moba(q, k, v, chunk, topk):
+    """flex_attention (compiled) with a block mask holding the same MoBA selection as the op."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    from moba_kernels import moba_select_blocks
+    b, s, h = q.shape[:3]
+    nb = -(-s // chunk)
+    sel = moba_select_blocks(q.detach(), k.detach(), chunk, topk).long()             # [B, S, H, topk]
+    chosen = torch.zeros(b, h, s, nb + 1, dtype=torch.bool, device=q.device)
+    chosen.scatter_(3, torch.where(sel < 0, nb, sel).permute(0, 2, 1, 3), True)       # [B, H, S, NB+1]
+
+    def mask_mod(bi, hi, qi, ki):
+        return (ki <= qi) & chosen[bi, hi, qi, ki // chunk]
+    mask = create_block_mask(mask_mod, b, h, s, s, device=q.device)
+    flex = torch.compile(flex_attention)
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+
+    def fn():
+        return flex(qt, kt, vt, block_mask=mask, enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
+    return fn
 
 
 def cpu_peak_bytes(fn) -> int:
@@ -99,12 +143,14 @@ def run_worker(cfg: dict) -> dict:
         return q, k, v, do
 
     def build(q, k, v, do):
-        if cfg["impl"] == "sdpa":
-            import torch.nn.functional as F
+        impl = cfg["impl"]
+        if impl.startswith("sdpa"):
+            backend = {"sdpa": None, "sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}[impl]
 
             def fn():
-                return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                      is_causal=True, enable_gqa=h != hkv).transpose(1, 2)
+                return _sdpa(q, k, v, backend)
+        elif impl == "flex":
+            fn = _flex_moba(q, k, v, cfg["chunk_size"], cfg["topk"])
         else:
             from moba_kernels import moba_attn
 
@@ -123,7 +169,10 @@ def run_worker(cfg: dict) -> dict:
     build(*make(min(s, 2 * cfg["chunk_size"])))()
     q, k, v, do = make(s)
     step = build(q, k, v, do)
-    if cfg["impl"] == "sdpa":
+    t0 = time.perf_counter()
+    step()                       # first call at this shape: compilation / autotuning
+    first_call = time.perf_counter() - t0
+    if cfg["impl"].startswith("sdpa"):
         pairs = b * h * s * (s + 1) // 2
     else:
         pairs = attended_pairs(q.detach(), k.detach(), cfg["chunk_size"], cfg["topk"])
@@ -143,7 +192,8 @@ def run_worker(cfg: dict) -> dict:
         times.append(time.perf_counter() - t0)
     ms = statistics.median(times) * 1e3
     flops = 4 * d * pairs * (3.5 if backward else 1.0)   # fwd: QK^T and PV; bwd counted as 2.5x fwd
-    return dict(ms=ms, peak_mem_mib=peak / 2**20, attended_pairs=pairs, tflops=flops / (ms * 1e-3) / 1e12)
+    return dict(ms=ms, peak_mem_mib=peak / 2**20, attended_pairs=pairs, tflops=flops / (ms * 1e-3) / 1e12,
+                first_call_s=first_call)
 
 
 def measure(cfg: dict) -> dict:
@@ -190,11 +240,13 @@ def main(argv=None):
                 rows.append({**cfg, **measure(cfg)})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     for r in rows:   # ratios against the SDPA baseline of the same run, shape and mode
-        base = next((x for x in rows if x["impl"] == "sdpa" and x["seqlen"] == r["seqlen"]
-                     and x["mode"] == r["mode"] and "ms" in x), None)
+        same = [x for x in rows if x["seqlen"] == r["seqlen"] and x["mode"] == r["mode"] and "ms" in x]
+        base = next((x for name in ("sdpa_flash", "sdpa") for x in same if x["impl"] == name), None)
         if base and "ms" in r:
+            r["baseline"] = base["impl"]
             r["speedup_vs_sdpa"] = base["ms"] / r["ms"]
             r["mem_vs_sdpa"] = r["peak_mem_mib"] / base["peak_mem_mib"] if base["peak_mem_mib"] > 0 else None
+            r["tflops_vs_sdpa"] = r["tflops"] / base["tflops"]
     for r in rows:   # memory against the reference backend, as the foundation issue asks
         ref = next((x for x in rows if x["impl"] == "reference" and x["seqlen"] == r["seqlen"]
                     and x["mode"] == r["mode"] and "ms" in x), None)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One command on a GPU machine: GPU tests + attention benchmarks, JSON under $OUT.
+#
+#   OUT=/tmp/out bash benchmarks/gpu_run.sh            # every stage (about 20-25 min on one H100)
+#   OUT=/tmp/out bash benchmarks/gpu_run.sh test 32k   # some stages (each fits a 10-minute slot)
+#
+# Stages: test (GPU kernel tests), 32k (chunk 512/topk 3 at 8K-32K, MHA and GQA), 128k (chunk 512/topk 3
+# at 128K), 64k (chunk 128/topk 8 at 64K), 1m (chunk 4096/topk 12 at 1M tokens, forward).
+# Needs torch with CUDA and triton (NVIDIA's PyTorch containers have both); installs nothing else.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results}
+PY=${PYTHON:-python}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/kernels:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] && stages=(test 32k 128k 64k 1m)
+gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else 'none')")
+[ "$gpu" = none ] && { echo "no CUDA device" >&2; exit 1; }
+IMPLS=sdpa_flash,sdpa_cudnn,flex,torch,triton
+bench() { "$PY" tools/bench_attention.py --device cuda --dtype bf16 --heads 16 --head-dim 128 --reps 5 "$@"; }
+for stage in "${stages[@]}"; do
+    case "$stage" in
+        test) "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_torch_backend.py \
+                  tests/test_reference.py 2>&1 | tee "$OUT/gpu_tests_$gpu.txt" || echo "GPU tests failed (see $OUT/gpu_tests_$gpu.txt)" >&2 ;;
+        32k) for kv in 16 4; do
+                 bench --kv-heads "$kv" --chunk-size 512 --topk 3 --seqlens 8192,16384,32768 --impls "$IMPLS" \
+                     --out "$OUT/bench_attention_${gpu}_bf16_c512k3_kv${kv}.json"
+             done ;;
+        128k) bench --kv-heads 4 --chunk-size 512 --topk 3 --seqlens 131072 --impls "$IMPLS" --reps 3 \
+                  --out "$OUT/bench_attention_${gpu}_bf16_c512k3_128k.json" ;;
+        64k) bench --kv-heads 4 --chunk-size 128 --topk 8 --seqlens 65536 --impls "$IMPLS" \
+                 --out "$OUT/bench_attention_${gpu}_bf16_c128k8_64k.json" ;;
+        1m) bench --kv-heads 4 --chunk-size 4096 --topk 12 --seqlens 1048576 --modes fwd \
+                --impls sdpa_flash,torch,triton --reps 2 --out "$OUT/bench_attention_${gpu}_bf16_c4096k12_1m.json" ;;
+        *) echo "unknown stage $stage (test, 32k, 128k, 64k, 1m)" >&2; exit 2 ;;
+    esac
+done
