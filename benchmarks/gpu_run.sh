@@ -17,7 +17,7 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(test 32k 128k 64k 1m)
 gpu=$("$PY" -c "import torch; print(torch.cuda.get_device_name().split()[-1].lower() if torch.cuda.is_available() else 'none')")
 [ "$gpu" = none ] && { echo "no CUDA device" >&2; exit 1; }
-IMPLS=sdpa_flash,sdpa_cudnn,flex,torch,triton
+IMPLS=sdpa_flash,sdpa_cudnn,flex,torch,triton,triton_atomic
 bench() { "$PY" tools/bench_attention.py --device cuda --dtype bf16 --heads 16 --head-dim 128 --reps 5 "$@"; }
 for stage in "${stages[@]}"; do
     case "$stage" in

@@ -89,6 +89,24 @@ def test_batched_entry_and_deterministic_gradients():
     assert torch.equal(o1, o2) and all(torch.equal(a, b) for a, b in zip(g1, g2))   # no atomics: bitwise
 
 
+@pytest.mark.parametrize("lens,hq,hkv,dim,chunk,topk", [CASES[1], CASES[2]])
+def test_atomic_dq_mode_matches_reference(lens, hq, hkv, dim, chunk, topk, monkeypatch):
+    monkeypatch.setenv("MOBA_TRITON_DQ", "atomic")
+    assert triton_backend.dq_mode() == "atomic"
+    _, grads = _run("triton", lens, hq, hkv, dim, chunk, topk, torch.float32)
+    _, ref_grads = _run("reference", lens, hq, hkv, dim, chunk, topk, torch.float32)
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert max_err(g, rg) < 2e-5, name
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert triton_backend.dq_mode() == "separate"     # deterministic mode never uses atomics
+    finally:
+        torch.use_deterministic_algorithms(False)
+    monkeypatch.setenv("MOBA_TRITON_DQ", "fast")
+    with pytest.raises(ValueError, match="MOBA_TRITON_DQ must be"):
+        triton_backend.dq_mode()
+
+
 @pytest.mark.parametrize("kwargs,text", [
     (dict(chunk=24), "chunk_size 24; the triton backend needs a multiple of 16"),
     (dict(dim=24), "head_dim 24; the triton backend takes a power of two"),

@@ -9,7 +9,7 @@
 Implementations: ``sdpa`` (dense causal, PyTorch's own backend choice), ``sdpa_flash`` and
 ``sdpa_cudnn`` (dense causal pinned to that SDPA backend), ``flex`` (compiled flex_attention with
 a block mask encoding the same MoBA selection), and the MoBA backends (``triton``, ``torch``,
-``reference``).  Speedups are against ``sdpa_flash`` when it ran, else ``sdpa``.
+``reference``; ``triton_atomic`` is ``triton`` with dQ by atomics).  Speedups are against ``sdpa_flash`` when it ran, else ``sdpa``.
 TFLOP/s count only the (query, key) pairs each implementation attends (dense causal for SDPA).
 ``first_call_s`` is the first call's time (Triton compilation and autotuning included).
 
@@ -153,9 +153,12 @@ def run_worker(cfg: dict) -> dict:
             fn = _flex_moba(q, k, v, cfg["chunk_size"], cfg["topk"])
         else:
             from moba_kernels import moba_attn
+            backend = impl
+            if impl == "triton_atomic":          # the Triton backend with dQ by fp32 atomics
+                os.environ["MOBA_TRITON_DQ"], backend = "atomic", "triton"
 
             def fn():
-                return moba_attn(q, k, v, cfg["chunk_size"], cfg["topk"], backend=cfg["impl"])
+                return moba_attn(q, k, v, cfg["chunk_size"], cfg["topk"], backend=backend)
 
         def step():
             out = fn()

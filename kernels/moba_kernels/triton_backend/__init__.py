@@ -8,7 +8,8 @@
 Limits (``unsupported`` names them; ``backend=None`` then falls back to ``torch``): float16,
 bfloat16 or float32; head dim a power of two in [16, 256]; ``chunk_size`` a multiple of 16; no
 ``q_positions``.  On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``,
-for tests on tiny shapes; ``backend=None`` never picks it there).  Deterministic: no atomics.
+for tests on tiny shapes; ``backend=None`` never picks it there).  Deterministic unless dQ atomics are
+chosen (``MOBA_TRITON_DQ=atomic``; see bwd.py).
 """
 from __future__ import annotations
 
@@ -23,6 +24,17 @@ from .._checks import cu_seqlens_values
 from ..layout import block_layout
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# How dQ is accumulated: "separate" (deterministic pass) or "atomic" (fp32 atomics in the dK/dV
+# kernel).  MOBA_TRITON_DQ overrides; deterministic algorithms (torch / megatron's
+# --deterministic-mode) always get "separate".
+DQ_MODE = "separate"
+
+
+def dq_mode() -> str:
+    mode = os.environ.get("MOBA_TRITON_DQ", DQ_MODE)
+    if mode not in ("separate", "atomic"):
+        raise ValueError(f"MOBA_TRITON_DQ must be 'separate' or 'atomic', got {mode!r}")
+    return "separate" if torch.are_deterministic_algorithms_enabled() else mode
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -100,7 +112,7 @@ def triton_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   sel: Tensor, chunk_size: int, softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
     from .bwd import moba_bwd_triton
     layout, cfg, tiles, past = _plan(q, k, sel, cu_seqlens, chunk_size)
-    return moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale, cfg)
+    return moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale, cfg, dq_mode())
 
 
 @triton_bwd_op.register_fake

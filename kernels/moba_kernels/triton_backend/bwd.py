@@ -4,9 +4,14 @@
   keys' dK/dV.  It walks (1) the queries of the same block at or after the key tile (own block,
   causal), for every query head of the kv head, then (2) the reverse index: every selection pair,
   of any slot and query head, that chose this block (tiles.PastIndex.group_start).  No atomics.
-* ``_own_dq_kernel``   one program per (query tile, query head): dQ of the own block; writes dq.
-* ``_past_dq_kernel``  per slot, one program per pair tile: dQ of the earlier blocks, added to
-  the rows' dq (a row appears once per slot: race-free, deterministic).
+* dQ, two ways (``dq_mode``):
+  - ``"separate"`` (deterministic, the default): ``_own_dq_kernel``, one program per (query tile,
+    query head), writes the own block's dQ; then ``_past_dq_kernel`` per slot, one program per
+    pair tile, adds the earlier blocks' dQ (a row appears once per slot: race-free).  Scores are
+    recomputed once more.
+  - ``"atomic"``: the dK/dV kernel also adds dS @ K into dq with fp32 atomics (no recompute, but
+    the summation order varies from run to run).  Never used under
+    ``torch.use_deterministic_algorithms(True)``.
 dq is accumulated in fp32; P = exp2(S * scale * log2e - lse * log2e), dS = P * (dP - delta) with
 delta = rowsum(dO * O).
 """
@@ -27,23 +32,29 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, IEEE: tl.constexpr):
-    """Accumulate one tile of queries (q/do [BM, D], lse2/delta [BM]) into dk/dv [BN, D]."""
+def _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, flat, live, scale,
+                       D: tl.constexpr, ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr):
+    """Accumulate one tile of queries (q/do [BM, D], lse2/delta [BM]) into dk/dv [BN, D]
+    (and, with ATOMIC_DQ, their dQ into DQ rows ``flat``)."""
     s = _dot(q, tl.trans(k), IEEE) * qk_scale                                      # [BM, BN]
     p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
     dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
     dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
     dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    if ATOMIC_DQ:
+        d = tl.arange(0, D)
+        tl.atomic_add(DQ + flat[:, None] * D + d[None, :], _dot(ds.to(k.dtype), k, IEEE) * scale,
+                      mask=live[:, None])
     return dk, dv
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, ROWS, GROUP_START, BLOCK_START, BLOCK_LEN,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, ROWS, GROUP_START, BLOCK_START, BLOCK_LEN,
                  sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
                  qk_scale, scale, HQ, HKV,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr):
     grp, j = tl.program_id(0), tl.program_id(1)
     blk, g = grp // HKV, grp % HKV
     bstart, blen = tl.load(BLOCK_START + blk), tl.load(BLOCK_LEN + blk)
@@ -68,7 +79,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, ROWS, GROUP_START, BLOCK_START
                 lse2 = tl.load(LSE + flat, mask=live, other=0.0) * 1.4426950408889634
                 delta = tl.load(DELTA + flat, mask=live, other=0.0)
                 visible = live[:, None] & kin[None, :] & (kcol[None, :] <= rows[:, None])
-                dk, dv = _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, IEEE)
+                dk, dv = _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, flat, live,
+                                            scale, D, ATOMIC_DQ, IEEE)
         # (2) earlier-block selections of this (block, kv head), all slots
         p0, p1 = tl.load(GROUP_START + grp), tl.load(GROUP_START + grp + 1)
         for r0 in range(p0, p1, BLOCK_M):
@@ -80,7 +92,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, ROWS, GROUP_START, BLOCK_START
             lse2 = tl.load(LSE + flat, mask=live, other=0.0) * 1.4426950408889634
             delta = tl.load(DELTA + flat, mask=live, other=0.0)
             dk, dv = _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, live[:, None] & kin[None, :],
-                                        qk_scale, IEEE)
+                                        qk_scale, DQ, flat, live, scale, D, ATOMIC_DQ, IEEE)
         tl.store(DK + kcol[:, None] * sdk_t + g * sdk_h + d[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=kin[:, None])
         tl.store(DV + kcol[:, None] * sdv_t + g * sdv_h + d[None, :], dv.to(DV.dtype.element_ty),
@@ -153,25 +165,29 @@ def _past_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, ROWS, TILE_PAIR, TILE_LEN, TILE
     tl.store(ptr, tl.load(ptr, mask=live[:, None], other=0.0) + dq * scale, mask=live[:, None])
 
 
-def moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale: float, cfg):
+def moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale: float, cfg,
+                    dq_mode: str = "separate"):
     """Gradients: dq [T, Hq, D], dk, dv [T, Hkv, D] in the input dtypes."""
+    atomic = dq_mode == "atomic"
     total, hq, dim = q.shape
     hkv = k.shape[1]
     ieee = q.dtype == torch.float32
     qk_scale = softmax_scale * LOG2E
     delta = (dout.float() * out.float()).sum(-1).reshape(-1)                        # [T*Hq]
     lse = lse.reshape(-1).contiguous()
-    dq = torch.empty(total * hq, dim, dtype=torch.float32, device=q.device)
+    dq = (torch.zeros if atomic else torch.empty)(total * hq, dim, dtype=torch.float32, device=q.device)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     qkv = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
            dout.stride(0), dout.stride(1))
     block_start = layout.block_start.to(torch.int32)
     if layout.num_blocks:
         _dkdv_kernel[(layout.num_blocks * hkv, triton.cdiv(layout.chunk_size, cfg.block_n))](
-            q, k, v, dout, lse, delta, dk, dv, past.rows, past.group_start, block_start,
+            q, k, v, dout, lse, delta, dk, dv, dq, past.rows, past.group_start, block_start,
             layout.block_len.to(torch.int32), *qkv, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             qk_scale, softmax_scale, hq, hkv, GROUP=hq // hkv, BLOCK_M=cfg.pair_m, BLOCK_N=cfg.block_n,
-            D=dim, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            D=dim, ATOMIC_DQ=atomic, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if atomic:
+        return dq.view(total, hq, dim).to(q.dtype), dk, dv
     if tiles.count:
         _own_dq_kernel[(tiles.count, hq)](
             q, k, v, dout, lse, delta, dq, tiles.start, tiles.length, tiles.block_start, *qkv,
