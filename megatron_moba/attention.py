@@ -88,8 +88,22 @@ class MoBACoreAttention(_VarlenCoreAttention):
 
 
 class FullCoreAttention(_VarlenCoreAttention):
-    """Exact causal attention: MoBA with one block per sequence (chunk >= max_seqlen, topk = 1)."""
+    """Exact causal attention.  On CUDA, unpacked and without CP: PyTorch's fused SDPA (flash /
+    cuDNN), the dense baseline users compare against.  Otherwise MoBA with one block per sequence
+    (chunk >= max_seqlen, topk = 1) through the fastest backend (``triton`` on CUDA)."""
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if not (query.is_cuda and packed_seq_params is None and self.cp_group is None and attention_bias is None):
+            return super().forward(query, key, value, attention_mask, attn_mask_type, attention_bias,
+                                   packed_seq_params)
+        s, b, hq, d = query.shape
+        q, k, v = (x.permute(1, 2, 0, 3) for x in (query, key, value))                 # [b, H, s, d]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=True, scale=self.softmax_scale, enable_gqa=hq != key.shape[2])
+        return out.permute(2, 0, 1, 3).reshape(s, b, hq * d)                          # [s, b, Hq*d]
 
     def _attend(self, q, k, v, cu_seqlens, max_seqlen, q_positions):
-        return moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, max(1, max_seqlen), 1,
-                                softmax_scale=self.softmax_scale, backend="torch", q_positions=q_positions)
+        chunk = -(-max(1, max_seqlen) // 16) * 16          # one block per sequence (a multiple of 16 for triton)
+        return moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, chunk, 1, softmax_scale=self.softmax_scale,
+                                backend=None, q_positions=q_positions)
