@@ -5,18 +5,19 @@
     prompt = builder.build(length=4096, depth=0.5, passkey="48213")
     rows = evaluate(model_logits_fn(model, tokenizer.vocab_size), builder, [1024, 4096], [0, 0.5, 1], passkeys)
 
-A prompt of ``length`` tokens (the prompt plus the answer tokens) is filler repeated, the needle
-inserted at token ``round(depth * haystack)`` (0 = first token, 1 = right before the question),
-and the question last.  Text tokenizers (SentencePiece, HF) get
+A prompt of ``length`` tokens (the prompt plus the answer tokens) is filler sentences repeated (the
+filler ends with a whole sentence; its first one may be cut), the needle inserted at the sentence
+boundary nearest to token ``depth * filler tokens`` (0 = first token, 1 = right before the
+question), and the question last.  Text tokenizers (SentencePiece, HF) get
 
-    filler    " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+    filler    " The grass is green." " The sky is blue." " The sun is yellow." " Here we go." " There and back again."
     needle    " The pass key is 48213. Remember it. 48213 is the pass key."
     question  " What is the pass key? The pass key is"         answer: the tokens of " 48213" after it
 
 each piece tokenized on its own (every piece opens with a space, so the pieces join as text would).
 NullTokenizer (text is space-separated integer ids) gets an integer prompt with reserved ids:
 digit d is id d (0-9), ``KEY`` = 10, ``KEY_END`` = 11, ``QUERY`` = 12, filler is a fixed repeating
-pattern of ids >= 13; needle ``KEY d1..dn KEY_END``, question ``QUERY KEY``, answer ``d1..dn``: an
+pattern of ids >= 13 (every token a "sentence", so the depth is exact to the token); needle ``KEY d1..dn KEY_END``, question ``QUERY KEY``, answer ``d1..dn``: an
 induction/copy task (after ``QUERY KEY``, copy what followed the earlier ``KEY``).
 
 A trial is correct when greedy decoding (the full forward re-run per generated token) reproduces
@@ -34,7 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+FILLER = [" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.", " There and back again."]
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 KEY, KEY_END, QUERY, FIRST_FILLER = 10, 11, 12, 13      # NullTokenizer ids (digits are 0-9)
@@ -62,9 +63,9 @@ class PromptBuilder:
                 raise ValueError(f"the NullTokenizer vocabulary ({usable}) is too small for the passkey "
                                  f"prompt: it needs ids 0..{FIRST_FILLER + 2}")
             span = list(range(FIRST_FILLER, usable))
-            self.filler = random.Random(0).choices(span, k=min(FILLER_IDS, len(span) * 4))
+            self.sentences = [[i] for i in random.Random(0).choices(span, k=min(FILLER_IDS, len(span) * 4))]
         else:
-            self.filler = tokenizer.tokenize(FILLER)
+            self.sentences = [tokenizer.tokenize(sentence) for sentence in FILLER]
             self.question = tokenizer.tokenize(QUESTION)
 
     def pieces(self, passkey: str):
@@ -82,14 +83,23 @@ class PromptBuilder:
         """Tokens of a prompt that are not filler."""
         return sum(len(p) for p in self.pieces(passkey))
 
+    def haystack(self, room: int):
+        """``room`` filler tokens ending with a whole sentence, and the sentence boundaries in them."""
+        tokens, ends = [], []
+        while len(tokens) < room:
+            tokens += self.sentences[len(ends) % len(self.sentences)]
+            ends.append(len(tokens))
+        cut = len(tokens) - room
+        return tokens[cut:], sorted({0} | {e - cut for e in ends if e >= cut})
+
     def build(self, length: int, depth: float, passkey: str) -> Prompt:
         needle, question, answer = self.pieces(passkey)
         room = length - len(needle) - len(question) - len(answer)        # filler tokens
         if room < 0:
             raise ValueError(f"--lengths {length} is too short: the needle, question and answer alone take "
                              f"{length - room} tokens")
-        haystack = (self.filler * (room // len(self.filler) + 1))[:room]
-        at = round(depth * room)
+        haystack, bounds = self.haystack(room)
+        at = min(bounds, key=lambda b: (abs(b - depth * room), b))
         return Prompt(haystack[:at] + needle + haystack[at:] + question, answer, passkey, at, len(needle))
 
 
