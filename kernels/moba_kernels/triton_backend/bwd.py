@@ -32,6 +32,18 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _load_queries(Q, DO, LSE, DELTA, t, h, live, sq_t, sq_h, sdo_t, sdo_h, HQ, D: tl.constexpr):
+    """q, dO [BM, D], lse (log2 units) and delta [BM] of query rows (token t, head h)."""
+    d = tl.arange(0, D)
+    q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=live[:, None], other=0.0)
+    do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + d[None, :], mask=live[:, None], other=0.0)
+    flat = t * HQ + h
+    lse2 = tl.load(LSE + flat, mask=live, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + flat, mask=live, other=0.0)
+    return q, do, lse2, delta
+
+
+@triton.jit
 def _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, flat, live, scale,
                        D: tl.constexpr, ATOMIC_DQ: tl.constexpr, IEEE: tl.constexpr):
     """Accumulate one tile of queries (q/do [BM, D], lse2/delta [BM]) into dk/dv [BN, D]
@@ -73,11 +85,10 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, ROWS, GROUP_START, BLOCK_S
             for r0 in range(bstart + j * BLOCK_N, bstart + blen, BLOCK_M):
                 rows = r0 + m
                 live = rows < bstart + blen
-                q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=live[:, None], other=0.0)
-                do = tl.load(DO + rows[:, None] * sdo_t + h * sdo_h + d[None, :], mask=live[:, None], other=0.0)
+                heads = tl.zeros([BLOCK_M], tl.int32) + h
+                q, do, lse2, delta = _load_queries(Q, DO, LSE, DELTA, rows, heads, live, sq_t, sq_h, sdo_t, sdo_h,
+                                                   HQ, D)
                 flat = rows * HQ + h
-                lse2 = tl.load(LSE + flat, mask=live, other=0.0) * 1.4426950408889634
-                delta = tl.load(DELTA + flat, mask=live, other=0.0)
                 visible = live[:, None] & kin[None, :] & (kcol[None, :] <= rows[:, None])
                 dk, dv = _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, flat, live,
                                             scale, D, ATOMIC_DQ, IEEE)
@@ -86,11 +97,8 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, ROWS, GROUP_START, BLOCK_S
         for r0 in range(p0, p1, BLOCK_M):
             live = r0 + m < p1
             flat = tl.load(ROWS + r0 + m, mask=live, other=0)
-            t, h = flat // HQ, flat % HQ
-            q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=live[:, None], other=0.0)
-            do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + d[None, :], mask=live[:, None], other=0.0)
-            lse2 = tl.load(LSE + flat, mask=live, other=0.0) * 1.4426950408889634
-            delta = tl.load(DELTA + flat, mask=live, other=0.0)
+            q, do, lse2, delta = _load_queries(Q, DO, LSE, DELTA, flat // HQ, flat % HQ, live, sq_t, sq_h, sdo_t,
+                                               sdo_h, HQ, D)
             dk, dv = _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, live[:, None] & kin[None, :],
                                         qk_scale, DQ, flat, live, scale, D, ATOMIC_DQ, IEEE)
         tl.store(DK + kcol[:, None] * sdk_t + g * sdk_h + d[None, :], (dk * scale).to(DK.dtype.element_ty),
@@ -129,11 +137,9 @@ def _own_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T_START, T_LEN, T_BSTART,
     d = tl.arange(0, D)
     rows = start + m
     live = m < n
-    q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=live[:, None], other=0.0)
-    do = tl.load(DO + rows[:, None] * sdo_t + h * sdo_h + d[None, :], mask=live[:, None], other=0.0)
+    q, do, lse2, delta = _load_queries(Q, DO, LSE, DELTA, rows, tl.zeros([BLOCK_M], tl.int32) + h, live,
+                                       sq_t, sq_h, sdo_t, sdo_h, HQ, D)
     flat = rows * HQ + h
-    lse2 = tl.load(LSE + flat, mask=live, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + flat, mask=live, other=0.0)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     dq = _dq_over_keys(q, do, lse2, delta, dq, K, V, bstart, start + n, rows, h // GROUP,
                        sk_t, sk_h, sv_t, sv_h, qk_scale, True, BLOCK_N, D, IEEE)
@@ -152,11 +158,8 @@ def _past_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, ROWS, TILE_PAIR, TILE_LEN, TILE
     d = tl.arange(0, D)
     live = m < n
     flat = tl.load(ROWS + first + m, mask=live, other=0)
-    t, h = flat // HQ, flat % HQ
-    q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=live[:, None], other=0.0)
-    do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + d[None, :], mask=live[:, None], other=0.0)
-    lse2 = tl.load(LSE + flat, mask=live, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + flat, mask=live, other=0.0)
+    q, do, lse2, delta = _load_queries(Q, DO, LSE, DELTA, flat // HQ, flat % HQ, live, sq_t, sq_h, sdo_t, sdo_h,
+                                       HQ, D)
     kstart = tl.load(BLOCK_START + blk)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     dq = _dq_over_keys(q, do, lse2, delta, dq, K, V, kstart, kstart + CHUNK, m, g,
