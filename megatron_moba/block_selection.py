@@ -147,7 +147,8 @@ def input_tokens(tokenizer, length: int, text_file: Optional[str] = None, data_p
     if text_file is not None:
         if not os.path.isfile(text_file):
             raise ValueError(f"--text-file {text_file} does not exist")
-        ids, what = tokenizer.tokenize(open(text_file, encoding="utf-8", errors="replace").read()), f"text file {text_file}"
+        with open(text_file, encoding="utf-8", errors="replace") as f:
+            ids, what = tokenizer.tokenize(f.read()), f"text file {text_file}"
     elif data_path is not None:
         from megatron.core.datasets.indexed_dataset import IndexedDataset
         if not (os.path.isfile(data_path + ".bin") and os.path.isfile(data_path + ".idx")):

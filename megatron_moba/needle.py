@@ -17,8 +17,9 @@ question), and the question last.  Text tokenizers (SentencePiece, HF) get
 each piece tokenized on its own (every piece opens with a space, so the pieces join as text would).
 NullTokenizer (text is space-separated integer ids) gets an integer prompt with reserved ids:
 digit d is id d (0-9), ``KEY`` = 10, ``KEY_END`` = 11, ``QUERY`` = 12, filler is a fixed repeating
-pattern of ids >= 13 (every token a "sentence", so the depth is exact to the token); needle ``KEY d1..dn KEY_END``, question ``QUERY KEY``, answer ``d1..dn``: an
-induction/copy task (after ``QUERY KEY``, copy what followed the earlier ``KEY``).
+pattern of ids >= 13 (every token a "sentence", so the depth is exact to the token); needle
+``KEY d1..dn KEY_END``, question ``QUERY KEY``, answer ``d1..dn``: an induction/copy task (after
+``QUERY KEY``, copy what followed the earlier ``KEY``).
 
 A trial is correct when greedy decoding (the full forward re-run per generated token) reproduces
 every answer token.
@@ -78,10 +79,6 @@ class PromptBuilder:
         n = len(self.question)
         answer = whole[n:] if whole[:n] == self.question else tok(" " + passkey)
         return tok(NEEDLE.format(key=passkey)), list(self.question), answer
-
-    def overhead(self, passkey: str) -> int:
-        """Tokens of a prompt that are not filler."""
-        return sum(len(p) for p in self.pieces(passkey))
 
     def haystack(self, room: int):
         """``room`` filler tokens ending with a whole sentence, and the sentence boundaries in them."""

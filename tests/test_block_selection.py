@@ -189,7 +189,8 @@ def test_tool_errors_name_the_flag(checkpoint, tmp_path, capsys):
     cases = [(["--load", missing, "--layer", "1"], f"--load {missing}: checkpoint directory"),
              (["--load", path, "--layer", "3"], "--layer 3 is out of range: the checkpoint has layers 1..2"),
              (["--load", path, "--layer", "0"], "--layer 0 is out of range"),
-             (["--load", path, "--layer", "1", "--head", "4"], "--head 4 is out of range: the checkpoint has heads 0..3"),
+             (["--load", path, "--layer", "1", "--head", "4"],
+              "--head 4 is out of range: the checkpoint has heads 0..3"),
              (["--load", path, "--layer", "1", "--topk", "0"], "--topk must be >= 1")]
     for argv, text in cases:
         assert plot_block_selection.main(argv + ["--out", str(tmp_path)]) == 2

@@ -80,7 +80,8 @@ def test_prompt_holds_the_passkey_at_the_depth(tokenizers, kind):
 
 def _oracle(prompts, vocab, wrong_at=None, wrong_keys=None):
     """A "model" that knows every prompt's answer: all logit mass on the answer's next token (whatever
-    it generated before), or on a wrong one at answer step ``wrong_at`` (for the passkeys in ``wrong_keys``, default all).
+    it generated before), or on a wrong one at answer step ``wrong_at`` (for the passkeys in
+    ``wrong_keys``, default all).
     tokens [b, n] -> logits [b, n, vocab]."""
     by_prompt = {tuple(p.tokens): p for p in prompts}
     sizes = sorted({len(p.tokens) for p in prompts})
@@ -182,7 +183,8 @@ def test_end_to_end_on_tiny_checkpoints(tmp_path):
     ckpts = {"moba": str(tmp_path / "moba"), "full": str(tmp_path / "full")}
     keys = needle.make_passkeys(3, 5, seed=0)                 # the tool's passkeys for --trials 3
     by_hand = mc.run_distributed(_train_and_decode_by_hand, mc.TINY + ["--save", ckpts["moba"]], 96, 0.5, keys)[0]
-    mc.run_distributed(mc.run_pretrain, mc.TINY + ["--save", ckpts["full"], "--attention", "full", "--train-iters", "2"])
+    full = ["--save", ckpts["full"], "--attention", "full", "--train-iters", "2"]
+    mc.run_distributed(mc.run_pretrain, mc.TINY + full)
     out = tmp_path / "needle"
     cmd = [sys.executable, os.path.join(ROOT, "tools", "eval_needle.py"), "--load", ckpts["moba"], ckpts["full"],
            "--labels", "tiny moba", "tiny-full", "--lengths", "48", "96", "--depths", "0", "0.5", "1",

@@ -29,7 +29,8 @@ from megatron_moba import needle  # noqa: E402
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--load", nargs="+", required=True, help="checkpoint directories of the training job")
     p.add_argument("--labels", nargs="+", default=None, help="one name per --load (default: the directory names)")
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
     rows = []
     os.makedirs(args.out, exist_ok=True)
     for load, label, flags in zip(args.load, labels, saved):
-        model, margs, tokenizer = load_for_eval(load, args.iteration, seq_length=needle.check_lengths(flags, args.lengths))
+        seq_length = needle.check_lengths(flags, args.lengths)     # None: the trained length suffices
+        model, margs, tokenizer = load_for_eval(load, args.iteration, seq_length=seq_length)
         builder = needle.PromptBuilder(tokenizer)
         try:
             for key in passkeys:

@@ -34,7 +34,8 @@ from megatron_moba import block_selection as bs  # noqa: E402
 
 
 def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--load", required=True, help="checkpoint directory of the training job")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
@@ -65,8 +66,8 @@ def check(args):
         raise ValueError(f"--layer {args.layer} is out of range: the checkpoint has layers 1..{saved.num_layers} "
                          "(1-based)")
     if not 0 <= args.head < saved.num_attention_heads:
-        raise ValueError(f"--head {args.head} is out of range: the checkpoint has heads 0..{saved.num_attention_heads - 1}"
-                         " (0-based)")
+        raise ValueError(f"--head {args.head} is out of range: the checkpoint has heads "
+                         f"0..{saved.num_attention_heads - 1} (0-based)")
     for flag, value in (("--chunk-size", args.chunk_size), ("--topk", args.topk)):
         if value is not None and value < 1:
             raise ValueError(f"{flag} must be >= 1, got {value}")
@@ -99,7 +100,8 @@ def main(argv=None) -> int:
     is_moba = model.config.is_moba_layer(args.layer)
     label = args.label or os.path.basename(os.path.normpath(args.load))
     if not is_moba:
-        note = f"\n(layer {args.layer} runs full attention in this checkpoint: the map shows what MoBA would select there)"
+        note = (f"\n(layer {args.layer} runs full attention in this checkpoint: the map shows what MoBA would "
+                "select there)")
     elif (chunk, topk) != (margs.moba_chunk_size, margs.moba_topk):
         note = (f"\n(layer {args.layer} was trained with chunk {margs.moba_chunk_size}, top-{margs.moba_topk}: "
                 "the map shows what MoBA with these settings would select)")
