@@ -131,11 +131,23 @@ def test_backend_none_never_picks_the_interpreter_on_cpu():
         assert api._pick_backend(None, q.cuda(), 16).name == "triton"
 
 
-def test_q_positions_fall_back_to_torch():
-    q, k, v = (t.to(DEVICE) for t in rand_qkv(32, 2, 2, 16))
-    pos = torch.arange(16, 32, device=DEVICE)
-    with pytest.raises(ValueError, match="q_positions"):
-        moba_attn_varlen(q[16:], k, v, cu_from_lens([32]).to(DEVICE), 32, 16, 2, backend="triton", q_positions=pos)
+@pytest.mark.parametrize("lens,rows", [
+    ([64], [*range(0, 16), *range(48, 64)]),          # context parallelism: this rank's chunks 0 and 3 of 4
+    ([50, 31], [3, 4, 5, 17, 30, 31, 32, 49, 52, 80]),  # scattered rows over two documents
+    ([45], [44]),                                      # one decoding step at the end
+])
+def test_q_positions_match_reference(lens, rows):
+    q, k, v = (t.to(DEVICE) for t in rand_qkv(sum(lens), 4, 2, 16, torch.float32, seed=6))
+    cu = cu_from_lens(lens).to(DEVICE)
+    pos = torch.tensor(rows, device=DEVICE)
+    grad = torch.randn(len(rows), 4, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    res = {b: run_with_grads(lambda a, b_, c: moba_attn_varlen(  # noqa: E731
+        a, b_, c, cu, max(lens), 16, 2, backend=b, q_positions=pos), [q[pos], k, v], grad)
+        for b in ("triton", "reference")}
+    (out, grads), (ref_out, ref_grads) = res["triton"], res["reference"]
+    assert out.shape == (len(rows), 4, 16) and max_err(out, ref_out) < 2e-5
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert max_err(g, rg) < 2e-5, name
 
 
 # ---------------------------------------------------------------- GPU only

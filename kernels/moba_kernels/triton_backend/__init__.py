@@ -6,9 +6,10 @@
     bwd.py    dK/dV per key tile (one writer, no atomics), dQ in a separate pass
 
 Limits (``unsupported`` names them; ``backend=None`` then falls back to ``torch``): float16,
-bfloat16 or float32; head dim a power of two in [16, 256]; ``chunk_size`` a multiple of 16; no
-``q_positions``.  On CPU the kernels run only under Triton's interpreter (``TRITON_INTERPRET=1``,
-for tests on tiny shapes; ``backend=None`` never picks it there).  Deterministic unless dQ atomics are
+bfloat16 or float32; head dim a power of two in [16, 256]; ``chunk_size`` a multiple of 16.
+``q_positions`` (context parallelism, cached decoding) are supported.  On CPU the kernels run
+only under Triton's interpreter (``TRITON_INTERPRET=1``, for tests on tiny shapes;
+``backend=None`` never picks it there).  Deterministic unless dQ atomics are
 chosen (``MOBA_TRITON_DQ=atomic``; see bwd.py).
 """
 from __future__ import annotations
@@ -50,8 +51,6 @@ def unsupported(q: Tensor, chunk_size: int, q_positions: Optional[Tensor]) -> Op
         return f"head_dim {dim}; the triton backend takes a power of two from 16 to 256"
     if chunk_size % 16:
         return f"chunk_size {chunk_size}; the triton backend needs a multiple of 16"
-    if q_positions is not None:
-        return "q_positions; the triton backend attends every token"
     return None
 
 
@@ -72,67 +71,69 @@ def kernel_config(dim: int, chunk_size: int) -> KernelConfig:
     return KernelConfig(block_m, 64 if dim <= 64 else 32, 64, 4, 2)
 
 
-def _plan(q, k, sel, cu_seqlens, chunk_size):
+def _plan(q, k, sel, cu_seqlens, chunk_size, q_tok):
     from .tiles import past_index, query_tiles
     layout = block_layout(cu_seqlens_values(cu_seqlens, k.shape[0]), chunk_size, q.device)
     cfg = kernel_config(q.shape[-1], chunk_size)
-    tiles = query_tiles(layout, cfg.block_m)
-    past = None if sel is None else past_index(sel, layout, torch.arange(q.shape[0], device=q.device),
-                                               k.shape[1], cfg.pair_m)
-    return layout, cfg, tiles, past
+    q_tok = torch.arange(q.shape[0], device=q.device) if q_tok is None else q_tok
+    tiles = query_tiles(layout, cfg.block_m, q_tok)
+    past = None if sel is None else past_index(sel, layout, q_tok, k.shape[1], cfg.pair_m)
+    return layout, cfg, tiles, past, q_tok
 
 
 @torch.library.custom_op("moba_kernels::triton_select", mutates_args=())
-def triton_select_op(q: Tensor, k: Tensor, cu_seqlens: Tensor, chunk_size: int, topk: int) -> Tensor:
+def triton_select_op(q: Tensor, k: Tensor, cu_seqlens: Tensor, chunk_size: int, topk: int,
+                     q_tok: Optional[Tensor] = None) -> Tensor:
     from .gate import select_blocks_triton
-    layout, cfg, tiles, _ = _plan(q, k, None, cu_seqlens, chunk_size)
-    return select_blocks_triton(q, k, layout, topk, tiles, cfg.block_m)
+    layout, cfg, tiles, _, q_tok = _plan(q, k, None, cu_seqlens, chunk_size, q_tok)
+    return select_blocks_triton(q, k, layout, topk, tiles, cfg.block_m, q_tok)
 
 
 @triton_select_op.register_fake
-def _(q, k, cu_seqlens, chunk_size, topk):
+def _(q, k, cu_seqlens, chunk_size, topk, q_tok=None):
     return q.new_empty(q.shape[0], q.shape[1], topk, dtype=torch.int32)
 
 
 @torch.library.custom_op("moba_kernels::triton_fwd", mutates_args=())
 def triton_fwd_op(q: Tensor, k: Tensor, v: Tensor, cu_seqlens: Tensor, sel: Tensor, chunk_size: int,
-                  softmax_scale: float) -> Tuple[Tensor, Tensor]:
+                  softmax_scale: float, q_tok: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     from .fwd import moba_fwd_triton
-    layout, cfg, tiles, past = _plan(q, k, sel, cu_seqlens, chunk_size)
+    layout, cfg, tiles, past, _ = _plan(q, k, sel, cu_seqlens, chunk_size, q_tok)
     return moba_fwd_triton(q, k, v, layout, tiles, past, softmax_scale, cfg)
 
 
 @triton_fwd_op.register_fake
-def _(q, k, v, cu_seqlens, sel, chunk_size, softmax_scale):
+def _(q, k, v, cu_seqlens, sel, chunk_size, softmax_scale, q_tok=None):
     return torch.empty_like(q), q.new_empty(q.shape[0], q.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("moba_kernels::triton_bwd", mutates_args=())
 def triton_bwd_op(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens: Tensor,
-                  sel: Tensor, chunk_size: int, softmax_scale: float) -> Tuple[Tensor, Tensor, Tensor]:
+                  sel: Tensor, chunk_size: int, softmax_scale: float,
+                  q_tok: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     from .bwd import moba_bwd_triton
-    layout, cfg, tiles, past = _plan(q, k, sel, cu_seqlens, chunk_size)
-    return moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale, cfg, dq_mode())
+    layout, cfg, tiles, past, q_tok = _plan(q, k, sel, cu_seqlens, chunk_size, q_tok)
+    return moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale, cfg, q_tok, dq_mode())
 
 
 @triton_bwd_op.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens, sel, chunk_size, softmax_scale):
+def _(dout, q, k, v, out, lse, cu_seqlens, sel, chunk_size, softmax_scale, q_tok=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, sel, chunk_size, softmax_scale = inputs
+    q, k, v, cu_seqlens, sel, chunk_size, softmax_scale, q_tok = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sel)
+    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sel, q_tok)
     ctx.mark_non_differentiable(lse)
     ctx.chunk_size, ctx.softmax_scale = chunk_size, softmax_scale
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens, sel = ctx.saved_tensors
+    q, k, v, out, lse, cu_seqlens, sel, q_tok = ctx.saved_tensors
     dq, dk, dv = triton_bwd_op(dout.contiguous(), q, k, v, out, lse, cu_seqlens, sel, ctx.chunk_size,
-                               ctx.softmax_scale)
-    return dq, dk, dv, None, None, None, None
+                               ctx.softmax_scale, q_tok)
+    return dq, dk, dv, None, None, None, None, None
 
 
 torch.library.register_autograd("moba_kernels::triton_fwd", _backward, setup_context=_setup_context)
@@ -141,6 +142,6 @@ torch.library.register_autograd("moba_kernels::triton_fwd", _backward, setup_con
 def attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_tok=None):
     """The backend entry (``api.Backend.attend``)."""
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    sel = triton_select_op(q.detach(), k.detach(), cu_seqlens, chunk_size, topk)
-    out, _ = triton_fwd_op(q, k, v, cu_seqlens, sel, chunk_size, softmax_scale)
+    sel = triton_select_op(q.detach(), k.detach(), cu_seqlens, chunk_size, topk, q_tok)
+    out, _ = triton_fwd_op(q, k, v, cu_seqlens, sel, chunk_size, softmax_scale, q_tok)
     return out

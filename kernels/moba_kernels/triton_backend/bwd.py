@@ -62,7 +62,8 @@ def _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, 
 
 
 @triton.jit
-def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, ROWS, GROUP_START, BLOCK_START, BLOCK_LEN,
+def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, ROWS, GROUP_START, BLOCK_START, BLOCK_LEN, QTOK,
+                 KT_FIRST, BLK_END, kt_per_block,
                  sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, sdk_t, sdk_h, sdv_t, sdv_h,
                  qk_scale, scale, HQ, HKV,
                  GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
@@ -79,17 +80,19 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, ROWS, GROUP_START, BLOCK_S
         v = tl.load(V + kcol[:, None] * sv_t + g * sv_h + d[None, :], mask=kin[:, None], other=0.0)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
-        # (1) own block: queries at or after the first key of this tile, causal
+        # (1) own block: query rows at or after the first key of this tile, causal on their tokens
+        r_first, r_end = tl.load(KT_FIRST + blk * kt_per_block + j), tl.load(BLK_END + blk)
         for hh in range(GROUP):
             h = g * GROUP + hh
-            for r0 in range(bstart + j * BLOCK_N, bstart + blen, BLOCK_M):
+            for r0 in range(r_first, r_end, BLOCK_M):
                 rows = r0 + m
-                live = rows < bstart + blen
+                live = rows < r_end
+                tok = tl.load(QTOK + rows, mask=live, other=0)
                 heads = tl.zeros([BLOCK_M], tl.int32) + h
                 q, do, lse2, delta = _load_queries(Q, DO, LSE, DELTA, rows, heads, live, sq_t, sq_h, sdo_t, sdo_h,
                                                    HQ, D)
                 flat = rows * HQ + h
-                visible = live[:, None] & kin[None, :] & (kcol[None, :] <= rows[:, None])
+                visible = live[:, None] & kin[None, :] & (kcol[None, :] <= tok[:, None])
                 dk, dv = _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, flat, live,
                                             scale, D, ATOMIC_DQ, IEEE)
         # (2) earlier-block selections of this (block, kv head), all slots
@@ -127,21 +130,22 @@ def _dq_over_keys(q, do, lse2, delta, dq, K, V, k_lo, k_hi, rows, g, sk_t, sk_h,
 
 
 @triton.jit
-def _own_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T_START, T_LEN, T_BSTART,
+def _own_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T_ROW, T_TOK, T_LEN, T_BSTART,
                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, qk_scale, scale, HQ,
                    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                    IEEE: tl.constexpr):
     tile, h = tl.program_id(0), tl.program_id(1)
-    start, n, bstart = tl.load(T_START + tile), tl.load(T_LEN + tile), tl.load(T_BSTART + tile)
+    row0, tok0 = tl.load(T_ROW + tile), tl.load(T_TOK + tile)
+    n, bstart = tl.load(T_LEN + tile), tl.load(T_BSTART + tile)
     m = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
-    rows = start + m
+    rows = row0 + m                                                                # query rows; tokens tok0 + m
     live = m < n
     q, do, lse2, delta = _load_queries(Q, DO, LSE, DELTA, rows, tl.zeros([BLOCK_M], tl.int32) + h, live,
                                        sq_t, sq_h, sdo_t, sdo_h, HQ, D)
     flat = rows * HQ + h
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    dq = _dq_over_keys(q, do, lse2, delta, dq, K, V, bstart, start + n, rows, h // GROUP,
+    dq = _dq_over_keys(q, do, lse2, delta, dq, K, V, bstart, tok0 + n, tok0 + m, h // GROUP,
                        sk_t, sk_h, sv_t, sv_h, qk_scale, True, BLOCK_N, D, IEEE)
     tl.store(DQ + flat[:, None] * D + d[None, :], dq * scale, mask=live[:, None])
 
@@ -168,9 +172,10 @@ def _past_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, ROWS, TILE_PAIR, TILE_LEN, TILE
     tl.store(ptr, tl.load(ptr, mask=live[:, None], other=0.0) + dq * scale, mask=live[:, None])
 
 
-def moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale: float, cfg,
+def moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale: float, cfg, q_tok,
                     dq_mode: str = "separate"):
-    """Gradients: dq [T, Hq, D], dk, dv [T, Hkv, D] in the input dtypes."""
+    """Gradients: dq [Tq, Hq, D], dk, dv [T, Hkv, D] in the input dtypes (q_tok: int64 [Tq])."""
+    from .tiles import block_rows
     atomic = dq_mode == "atomic"
     total, hq, dim = q.shape
     hkv = k.shape[1]
@@ -184,16 +189,17 @@ def moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale:
            dout.stride(0), dout.stride(1))
     block_start = layout.block_start.to(torch.int32)
     if layout.num_blocks:
-        _dkdv_kernel[(layout.num_blocks * hkv, triton.cdiv(layout.chunk_size, cfg.block_n))](
+        kt_first, blk_end = block_rows(layout, q_tok, cfg.block_n)
+        _dkdv_kernel[(layout.num_blocks * hkv, kt_first.shape[1])](
             q, k, v, dout, lse, delta, dk, dv, dq, past.rows, past.group_start, block_start,
-            layout.block_len.to(torch.int32), *qkv, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            layout.block_len.to(torch.int32), q_tok.to(torch.int32), kt_first, blk_end, kt_first.shape[1], *qkv, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             qk_scale, softmax_scale, hq, hkv, GROUP=hq // hkv, BLOCK_M=cfg.pair_m, BLOCK_N=cfg.block_n,
             D=dim, ATOMIC_DQ=atomic, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if atomic:
         return dq.view(total, hq, dim).to(q.dtype), dk, dv
     if tiles.count:
         _own_dq_kernel[(tiles.count, hq)](
-            q, k, v, dout, lse, delta, dq, tiles.start, tiles.length, tiles.block_start, *qkv,
+            q, k, v, dout, lse, delta, dq, tiles.row, tiles.token, tiles.length, tiles.block_start, *qkv,
             qk_scale, softmax_scale, hq, GROUP=hq // hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=dim,
             IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     base = 0

@@ -27,7 +27,8 @@ LN2 = 0.6931471805599453
 @triton.jit
 def _attend_tile(q, K, V, m_i, l_i, acc, k_lo, k_hi, rows, g, sk_t, sk_h, sv_t, sv_h, qk_scale,
                  CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
-    """Online softmax of q [BM, D] over keys [k_lo, k_hi) of kv head g (scores in log2 units)."""
+    """Online softmax of q [BM, D] (at tokens ``rows``) over keys [k_lo, k_hi) of kv head g
+    (scores in log2 units)."""
     d = tl.arange(0, D)
     for n0 in range(k_lo, k_hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
@@ -56,21 +57,22 @@ def _attend_tile(q, K, V, m_i, l_i, acc, k_lo, k_hi, rows, g, sk_t, sk_h, sv_t, 
 
 
 @triton.jit
-def _own_fwd_kernel(Q, K, V, ACC, LSE, T_START, T_LEN, T_BSTART,
+def _own_fwd_kernel(Q, K, V, ACC, LSE, T_ROW, T_TOK, T_LEN, T_BSTART,
                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, qk_scale, HQ,
                     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                     IEEE: tl.constexpr):
     tile, h = tl.program_id(0), tl.program_id(1)
-    start, n, bstart = tl.load(T_START + tile), tl.load(T_LEN + tile), tl.load(T_BSTART + tile)
+    row0, tok0 = tl.load(T_ROW + tile), tl.load(T_TOK + tile)
+    n, bstart = tl.load(T_LEN + tile), tl.load(T_BSTART + tile)
     m = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
-    rows = start + m
+    rows = row0 + m                                                                # query rows; tokens tok0 + m
     live = m < n
     q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=live[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    m_i, l_i, acc = _attend_tile(q, K, V, m_i, l_i, acc, bstart, start + n, rows, h // GROUP,
+    m_i, l_i, acc = _attend_tile(q, K, V, m_i, l_i, acc, bstart, tok0 + n, tok0 + m, h // GROUP,
                                  sk_t, sk_h, sv_t, sv_h, qk_scale, True, BLOCK_N, D, IEEE)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     flat = rows * HQ + h
@@ -110,7 +112,7 @@ def _past_fwd_kernel(Q, K, V, ACC, LSE, ROWS, TILE_PAIR, TILE_LEN, TILE_GROUP, B
 
 
 def moba_fwd_triton(q, k, v, layout, tiles, past, softmax_scale: float, cfg):
-    """q [T, Hq, D], k/v [T, Hkv, D] -> out [T, Hq, D] (dtype of q), lse [T, Hq] fp32."""
+    """q [Tq, Hq, D], k/v [T, Hkv, D] -> out [Tq, Hq, D] (dtype of q), lse [Tq, Hq] fp32."""
     total, hq, dim = q.shape
     hkv = k.shape[1]
     ieee = q.dtype == torch.float32
@@ -120,7 +122,7 @@ def moba_fwd_triton(q, k, v, layout, tiles, past, softmax_scale: float, cfg):
     qk_scale = softmax_scale * LOG2E
     if tiles.count:
         _own_fwd_kernel[(tiles.count, hq)](
-            q, k, v, acc, lse, tiles.start, tiles.length, tiles.block_start, *strides, qk_scale, hq,
+            q, k, v, acc, lse, tiles.row, tiles.token, tiles.length, tiles.block_start, *strides, qk_scale, hq,
             GROUP=hq // hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=dim, IEEE=ieee,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     block_start = layout.block_start.to(torch.int32)

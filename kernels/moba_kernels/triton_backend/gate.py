@@ -18,12 +18,12 @@ from .tiles import QueryTiles
 
 
 @triton.jit
-def _gate_topk_kernel(Q, KM, OUT, T_START, T_LEN, T_OWN, T_FIRST,
+def _gate_topk_kernel(Q, KM, OUT, T_ROW, T_LEN, T_OWN, T_FIRST,
                       sq_t, sq_h, skm_b, skm_h, so_t, so_h,
                       GROUP: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
     tile, h = tl.program_id(0), tl.program_id(1)
-    start, n = tl.load(T_START + tile), tl.load(T_LEN + tile)
+    start, n = tl.load(T_ROW + tile), tl.load(T_LEN + tile)
     own, first = tl.load(T_OWN + tile), tl.load(T_FIRST + tile)
     m = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
@@ -55,18 +55,18 @@ def _gate_topk_kernel(Q, KM, OUT, T_START, T_LEN, T_OWN, T_FIRST,
 
 
 def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int,
-                         tiles: QueryTiles, block_m: int) -> torch.Tensor:
-    """Same contract as ``gate.select_blocks`` (no ``q_tok``): int32 ``[T, Hq, topk]``, ascending,
-    own block last among the valid entries, -1 padding."""
+                         tiles: QueryTiles, block_m: int, q_tok: torch.Tensor) -> torch.Tensor:
+    """Same contract as ``gate.select_blocks``: int32 ``[Tq, Hq, topk]``, ascending, own block
+    last among the valid entries, -1 padding."""
     total, hq, dim = q.shape
-    own = layout.token_local_block.to(torch.int32)[:, None, None].expand(total, hq, 1)
+    own = layout.token_local_block[q_tok].to(torch.int32)[:, None, None].expand(total, hq, 1)
     if topk == 1:
         return own.contiguous()
     kmean = block_mean_keys(k, layout)                                              # [NB, Hkv, D] fp32
     past = torch.empty(total, hq, topk - 1, dtype=torch.int32, device=q.device)
     if tiles.count:
         _gate_topk_kernel[(tiles.count, hq)](
-            q, kmean, past, tiles.start, tiles.length, tiles.own, tiles.first_block,
+            q, kmean, past, tiles.row, tiles.length, tiles.own, tiles.first_block,
             q.stride(0), q.stride(1), kmean.stride(0), kmean.stride(1), past.stride(0), past.stride(1),
             GROUP=hq // k.shape[1], K1=topk - 1, KP=triton.next_power_of_2(topk - 1),
             BLOCK_M=block_m, BLOCK_N=32, D=dim)

@@ -1,9 +1,10 @@
 """Work lists for the Triton kernels, built with torch ops on the device.
 
 Query tiles (``query_tiles``)
-    Runs of ``block_m`` consecutive tokens of one sequence.  ``block_m`` divides the chunk size,
-    so a tile never straddles a key block: every row of a tile has the same own block, and the
-    tile attends its own block causally and chooses among the same earlier blocks.
+    Runs of at most ``block_m`` query rows whose tokens are consecutive and lie in one key block:
+    every row of a tile has the same own block, attends it causally and chooses among the same
+    earlier blocks.  Without ``q_positions`` rows are tokens and ``block_m`` divides the chunk
+    size, so tiles are full except at block and sequence ends.
 
 Selection pairs (``PastIndex``)
     Every (query row, query head, slot) whose selected block is an *earlier* block (not the
@@ -27,29 +28,45 @@ from ..layout import BlockLayout
 
 @dataclass
 class QueryTiles:
-    start: torch.Tensor         # [n] int32 first token of the tile
-    length: torch.Tensor        # [n] int32 rows in the tile (<= block_m)
+    row: torch.Tensor           # [n] int32 first query row of the tile
+    token: torch.Tensor         # [n] int32 its token (== row unless q_positions are given)
+    length: torch.Tensor        # [n] int32 rows in the tile (<= block_m); their tokens are consecutive
     block_start: torch.Tensor   # [n] int32 first token of the tile's own key block
     own: torch.Tensor           # [n] int32 the own block's index within its sequence
     first_block: torch.Tensor   # [n] int32 global id of the sequence's block 0
     count: int
 
 
-def query_tiles(layout: BlockLayout, block_m: int) -> QueryTiles:
-    device = layout.seq_start.device
-    i64 = dict(dtype=torch.int64, device=device)
-    lens = torch.tensor(layout.seqlens, **i64)
-    per_seq = (lens + block_m - 1) // block_m                                        # [S]
-    count = int(sum(-(-n // block_m) for n in layout.seqlens))
-    seq = torch.repeat_interleave(torch.arange(len(layout.seqlens), **i64), per_seq, output_size=count)
-    local = torch.arange(count, **i64) - (torch.cumsum(per_seq, 0) - per_seq)[seq]   # tile index in its sequence
-    offset = local * block_m                                                         # first row, local position
-    own = offset // layout.chunk_size
-    start = layout.seq_start[seq] + offset
+def query_tiles(layout: BlockLayout, block_m: int, q_tok: torch.Tensor) -> QueryTiles:
+    """Tiles of at most ``block_m`` query rows with consecutive tokens inside one key block.
+    q_tok: int64 [Tq] ascending tokens of the query rows (arange(T) when q covers every token)."""
+    rows = q_tok.shape[0]
+    device = q_tok.device
+    i = torch.arange(rows, device=device)
+    gblock = layout.token_block[q_tok]                                                # [Tq]
+    new_run = torch.ones(rows, dtype=torch.bool, device=device)
+    new_run[1:] = (q_tok[1:] != q_tok[:-1] + 1) | (gblock[1:] != gblock[:-1])
+    run_start = torch.cummax(torch.where(new_run, i, 0), 0).values                   # first row of each run
+    starts = torch.nonzero(((i - run_start) % block_m) == 0).squeeze(1)               # [n] first row of each tile
+    ends = torch.cat([starts[1:], starts.new_tensor([rows])])
+    run_end = torch.searchsorted(run_start, run_start[starts], right=True)            # end of each tile's run
+    length = torch.minimum(ends, run_end) - starts
+    tok = q_tok[starts]
+    seq = layout.token_seq[tok]
+    own = layout.token_local_block[tok]
     i32 = lambda x: x.to(torch.int32).contiguous()                                   # noqa: E731
-    return QueryTiles(i32(start), i32(torch.clamp(lens[seq] - offset, max=block_m)),
-                      i32(layout.seq_start[seq] + own * layout.chunk_size), i32(own),
-                      i32(layout.seq_first_block[seq]), count)
+    return QueryTiles(i32(starts), i32(tok), i32(length), i32(layout.block_start[gblock[starts]]), i32(own),
+                      i32(layout.seq_first_block[seq]), int(starts.numel()))
+
+
+def block_rows(layout: BlockLayout, q_tok: torch.Tensor, block_n: int):
+    """For the dK/dV kernel: the first query row at or after each key tile ([NB, tiles per block]
+    int32) and the end of each block's query rows ([NB] int32)."""
+    offs = torch.arange(0, layout.chunk_size, block_n, device=q_tok.device)
+    tile_tok = layout.block_start[:, None] + offs[None, :]                             # [NB, tiles]
+    first = torch.searchsorted(q_tok, tile_tok.reshape(-1)).view(tile_tok.shape)
+    end = torch.searchsorted(q_tok, layout.block_start + layout.block_len)
+    return first.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
 @dataclass
