@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Scaling sweep: MoBA and full-attention training runs per model size, positional loss, one table, fits.
+
+    python tools/scaling_sweep.py --preset cpu-tiny --out runs/sweeps/cpu-tiny     # end to end on CPU
+    python tools/scaling_sweep.py examples/sweeps/gpu-small.yaml --print          # the commands only
+    python tools/scaling_sweep.py my_sweep.yaml --slurm sweep.sbatch              # a Slurm array script
+
+Steps: data (built for `stdlib_corpus`), training of every (model, variant) run through
+`python -m megatron_moba.pretrain` (or torchrun with --nproc-per-node > 1; runs whose final
+checkpoint exists are skipped, so a sweep resumes where it stopped), the positional loss of each
+final checkpoint (megatron_moba.positional_loss), then OUT/table.csv (variant, bucket,
+compute_pflops_days, loss, model, non_embedding_params, train_tokens, layers, hidden, ...: the
+input of tools/fit_scaling.py), OUT/positional_loss.png, and the fits: OUT/fits.json,
+OUT/scaling.png/.pdf.  Compute C = 6·N·D (N non-embedding parameters, D training tokens) in
+PFLOP/s-days (8.64e19 FLOPs).  After `--slurm`, submit the script; once its tasks are done run the
+same command without --slurm to evaluate, tabulate and fit.
+
+The description (YAML or JSON; examples/sweeps/*.yaml):
+  name, out                       sweep name, default output directory
+  models: [{layers, hidden, heads, [name, query_groups, ffn_hidden, tokens | train_iters, lr]}]
+  variants: [moba, full]          seq_length, global_batch, micro_batch
+  tokens | train_iters            per model (D = train_iters x global_batch x seq_length)
+  lr, min_lr (lr/10), warmup_iters (iters/10), seed
+  moba: {chunk, topk, full_attn_layers}
+  data: {stdlib_corpus: {max_bytes, vocab_size, eval_every}}      the Python stdlib's sources, no download
+      | {train: PREFIX, eval: PREFIX, tokenizer_type, tokenizer_model, vocab_size, split}
+      | {mock: true, vocab_size, eval: PREFIX}
+  eval: {bucket_width, trailing_tokens, num_docs, micro_batch}
+  fit: {buckets: [names to fit; default all], ratio_at: PFLOP/s-days}
+  extra_args: [more pretraining flags, e.g. --bf16 --swiglu]
+  launch: {nproc_per_node, env: {VAR: value}}
+  slurm: {partition, account, time, gpus_per_task, cpus_per_task, extra}
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shlex
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+
+import fit_scaling  # noqa: E402
+
+from megatron_moba import sweep  # noqa: E402
+from megatron_moba.positional_loss import plot_results  # noqa: E402
+
+PRESETS = os.path.join(ROOT, "examples", "sweeps")
+
+
+def stdlib_corpus(path: str, max_bytes: int) -> int:
+    """The demo's corpus (examples/demo_pretrain.py): the standard library's larger source files."""
+    spec = importlib.util.spec_from_file_location("demo_pretrain", os.path.join(ROOT, "examples", "demo_pretrain.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    return demo.stdlib_corpus(path, max_bytes)
+
+
+def fit(table: str, out: str, buckets=None, ratio_at=None) -> None:
+    """fit_scaling's fits and plots of the table, restricted to ``buckets``."""
+    points = fit_scaling.read_points(table)
+    if buckets:
+        missing = sorted(set(buckets) - {b for _, b in points})
+        if missing:
+            raise ValueError(f"fit.buckets names {missing}, not in {table} (buckets: {sorted({b for _, b in points})})")
+        points = {k: v for k, v in points.items() if k[1] in buckets}
+    fits = fit_scaling.fit_all(points)
+    with open(os.path.join(out, "fits.json"), "w") as f:
+        json.dump(fits, f, indent=1)
+    for variant, per_bucket in fits.items():
+        for bucket, ft in per_bucket.items():
+            print(f"  {variant:>5} {bucket:>10}: L = {ft['a']:.4g} * C^{ft['b']:.4f}  (R^2 {ft['r2']:.3f}, n {ft['n']})")
+    if ratio_at and "moba" in fits and "full" in fits:
+        for bucket in sorted(set(fits["moba"]) & set(fits["full"])):
+            m, f_ = fits["moba"][bucket], fits["full"][bucket]
+            print(f"  fitted loss ratio moba/full at {ratio_at:g} PFLOP/s-days, {bucket}: "
+                  f"{m['a'] * ratio_at ** m['b'] / (f_['a'] * ratio_at ** f_['b']):.4f}")
+    print(f"wrote {os.path.join(out, 'fits.json')}, " + ", ".join(fit_scaling.plot(points, fits, out)))
+
+
+def main(argv=None) -> int:
+    presets = sorted(f[:-5] for f in os.listdir(PRESETS) if f.endswith(".yaml")) if os.path.isdir(PRESETS) else []
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 2)[2],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("description", nargs="?", help="sweep description (YAML or JSON)")
+    p.add_argument("--preset", choices=presets, help="a description from examples/sweeps/")
+    p.add_argument("--out", default=None, help="output directory (default: the description's out, or runs/sweeps/NAME)")
+    p.add_argument("--print", action="store_true", help="print the training commands and stop")
+    p.add_argument("--slurm", metavar="FILE", help="build the data, write a Slurm array script (one task per run), stop")
+    p.add_argument("--nproc-per-node", type=int, default=None, help="launch training with torchrun on N processes")
+    args = p.parse_args(argv)
+    if bool(args.description) == bool(args.preset):
+        p.error("give a description file or --preset NAME (one of them)")
+    path = args.description or os.path.join(PRESETS, args.preset + ".yaml")
+    t0 = time.time()
+    try:
+        desc = sweep.load_description(path)
+        if args.nproc_per_node:
+            desc["launch"]["nproc_per_node"] = args.nproc_per_node
+        out = args.out or desc["out"] or os.path.join("runs", "sweeps", desc["name"])
+        runs = sweep.plan_runs(desc, out)
+        print(f"sweep {desc['name']!r}: {len(runs)} runs, sequence {desc['seq_length']}, output {out}")
+        for r in runs:
+            print(f"  {r.name:>16}: N {r.params:>12,}  D {r.tokens:>14,}  C {r.compute_pflops_days:.3e} PFLOP/s-days  "
+                  f"({r.train_iters} iterations)")
+        if args.print:
+            if desc["data"]["stdlib_corpus"] is not None:
+                print(f"# data: built under {os.path.abspath(out)}/data by the first local or --slurm run")
+            env = "".join(f"{k}={shlex.quote(v)} " for k, v in desc["launch"]["env"].items())
+            for r in runs:
+                print(env + shlex.join(sweep.launch_command(r, desc)))
+            return 0
+        sweep.prepare_data(desc, out, stdlib_corpus)
+        if args.slurm:
+            os.makedirs(os.path.join(out, "slurm"), exist_ok=True)       # for the tasks' --output files
+            with open(args.slurm, "w") as f:
+                f.write(sweep.slurm_script(runs, desc, out, path, os.path.dirname(sys.executable)))
+            print(f"wrote {args.slurm}: sbatch it, then run this command again without --slurm to evaluate and fit")
+            return 0
+        sweep.train_locally(runs, desc, sys.executable)
+        results = sweep.evaluate_runs(runs, desc, out)
+        table = sweep.write_table(sweep.table_rows(runs, results), os.path.join(out, "table.csv"))
+        print(f"wrote {table}, {plot_results(results, os.path.join(out, 'positional_loss.png'))}")
+        fit(table, out, desc["fit"]["buckets"], desc["fit"]["ratio_at"])
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"sweep {desc['name']!r} finished in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
