@@ -32,7 +32,10 @@ def saved_args(load_dir: str, iteration: Optional[int] = None) -> argparse.Names
     if not common.get("args"):
         raise ValueError(f"{path} does not record the flags it was trained with (not saved by megatron_moba's "
                          "training job or tools/convert_hf_checkpoint.py)")
-    return argparse.Namespace(**common["args"])
+    from .arguments import build_parser
+    # flags added after the checkpoint was written take their defaults
+    defaults = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
+    return argparse.Namespace(**{**defaults, **common["args"]})
 
 
 def build_model(args, tokenizer):
