@@ -107,6 +107,27 @@ def test_atomic_dq_mode_matches_reference(lens, hq, hkv, dim, chunk, topk, monke
         triton_backend.dq_mode()
 
 
+def test_autotune_keys_and_restored_buffers_name_real_kernel_arguments(monkeypatch):
+    """Autotuning runs on CUDA only; check here that its keys and restored buffers are arguments
+    of the kernels and that the tuner is built as intended."""
+    from triton.runtime.autotuner import Autotuner
+
+    from moba_kernels.triton_backend import bwd, fwd, tuning
+    kernels = [fwd._own_fwd_kernel, fwd._past_fwd_kernel, bwd._dkdv_kernel, bwd._own_dq_kernel, bwd._past_dq_kernel]
+    for kernel in kernels:
+        base = kernel.fn if isinstance(kernel, Autotuner) else kernel     # the jitted kernel under a tuner
+        spec = base.tuning
+        assert set(spec["key"]) | set(spec["restore"]) <= set(base.arg_names), base.arg_names
+    assert set(bwd._dkdv_kernel.tuning["restore"]) == {"DQ"}          # atomics accumulate into DQ
+    assert set(fwd._past_fwd_kernel.tuning["restore"]) == {"ACC", "LSE"}
+    monkeypatch.setattr(tuning, "AUTOTUNE", True)
+    plain = fwd._past_fwd_kernel
+    tuned = tuning.tune(key=("D",), restore=("ACC",))(plain.fn if isinstance(plain, Autotuner) else plain)
+    assert isinstance(tuned, Autotuner) and len(tuned.configs) == 6 and {c.kwargs["BLOCK_N"] for c in tuned.configs} == {32, 64, 128}
+    cfg = triton_backend.kernel_config(128, 512)
+    assert tuning.launch_kwargs(cfg) == {} and tuning.launch_kwargs(cfg, block_n=False) == {"BLOCK_N": cfg.block_n}
+
+
 @pytest.mark.parametrize("kwargs,text", [
     (dict(chunk=24), "chunk_size 24; the triton backend needs a multiple of 16"),
     (dict(dim=24), "head_dim 24; the triton backend takes a power of two"),

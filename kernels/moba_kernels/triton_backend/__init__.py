@@ -24,7 +24,7 @@ from torch import Tensor
 from .._checks import cu_seqlens_values
 from ..layout import block_layout
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+from .tuning import INTERPRET
 # How dQ is accumulated: "separate" (deterministic pass) or "atomic" (fp32 atomics in the dK/dV
 # kernel).  MOBA_TRITON_DQ overrides; deterministic algorithms (torch / megatron's
 # --deterministic-mode) always get "separate".

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from .fwd import LOG2E
+from .tuning import launch_kwargs, tune
 
 
 @triton.jit
@@ -61,6 +62,7 @@ def _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, 
     return dk, dv
 
 
+@tune(key=("D", "GROUP", "BLOCK_M", "BLOCK_N", "ATOMIC_DQ", "IEEE"), restore=("DQ",), block_n=False)
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, ROWS, GROUP_START, BLOCK_START, BLOCK_LEN, QTOK,
                  KT_FIRST, BLK_END, kt_per_block,
@@ -129,6 +131,7 @@ def _dq_over_keys(q, do, lse2, delta, dq, K, V, k_lo, k_hi, rows, g, sk_t, sk_h,
     return dq
 
 
+@tune(key=("D", "BLOCK_M", "GROUP", "IEEE"))
 @triton.jit
 def _own_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T_ROW, T_TOK, T_LEN, T_BSTART,
                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, qk_scale, scale, HQ,
@@ -150,6 +153,7 @@ def _own_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T_ROW, T_TOK, T_LEN, T_BSTART,
     tl.store(DQ + flat[:, None] * D + d[None, :], dq * scale, mask=live[:, None])
 
 
+@tune(key=("D", "CHUNK", "BLOCK_M", "IEEE"), restore=("DQ",))
 @triton.jit
 def _past_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, ROWS, TILE_PAIR, TILE_LEN, TILE_GROUP, BLOCK_START,
                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, qk_scale, scale, HQ, HKV, tile_base,
@@ -193,22 +197,21 @@ def moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale:
         _dkdv_kernel[(layout.num_blocks * hkv, kt_first.shape[1])](
             q, k, v, dout, lse, delta, dk, dv, dq, past.rows, past.group_start, block_start,
             layout.block_len.to(torch.int32), q_tok.to(torch.int32), kt_first, blk_end, kt_first.shape[1], *qkv, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            qk_scale, softmax_scale, hq, hkv, GROUP=hq // hkv, BLOCK_M=cfg.pair_m, BLOCK_N=cfg.block_n,
-            D=dim, ATOMIC_DQ=atomic, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            qk_scale, softmax_scale, hq, hkv, GROUP=hq // hkv, BLOCK_M=cfg.pair_m, D=dim, ATOMIC_DQ=atomic,
+            IEEE=ieee, **launch_kwargs(cfg, block_n=False))
     if atomic:
         return dq.view(total, hq, dim).to(q.dtype), dk, dv
     if tiles.count:
         _own_dq_kernel[(tiles.count, hq)](
             q, k, v, dout, lse, delta, dq, tiles.row, tiles.token, tiles.length, tiles.block_start, *qkv,
-            qk_scale, softmax_scale, hq, GROUP=hq // hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=dim,
-            IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            qk_scale, softmax_scale, hq, GROUP=hq // hkv, BLOCK_M=cfg.block_m, D=dim, IEEE=ieee,
+            **launch_kwargs(cfg))
     base = 0
     for count in past.slot_tiles:
         if count:
             _past_dq_kernel[(count,)](
                 q, k, v, dout, lse, delta, dq, past.rows, past.tile_pair, past.tile_len, past.tile_group,
                 block_start, *qkv, qk_scale, softmax_scale, hq, hkv, base, CHUNK=layout.chunk_size,
-                BLOCK_M=cfg.pair_m, BLOCK_N=cfg.block_n, D=dim, IEEE=ieee,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                BLOCK_M=cfg.pair_m, D=dim, IEEE=ieee, **launch_kwargs(cfg))
         base += count
     return dq.view(total, hq, dim).to(q.dtype), dk, dv

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .tuning import launch_kwargs, tune
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -56,6 +58,7 @@ def _attend_tile(q, K, V, m_i, l_i, acc, k_lo, k_hi, rows, g, sk_t, sk_h, sv_t, 
     return m_i, l_i, acc
 
 
+@tune(key=("D", "BLOCK_M", "GROUP", "IEEE"))
 @triton.jit
 def _own_fwd_kernel(Q, K, V, ACC, LSE, T_ROW, T_TOK, T_LEN, T_BSTART,
                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, qk_scale, HQ,
@@ -80,6 +83,7 @@ def _own_fwd_kernel(Q, K, V, ACC, LSE, T_ROW, T_TOK, T_LEN, T_BSTART,
     tl.store(LSE + flat, (m_i + tl.log2(l_safe)) * 0.6931471805599453, mask=live)
 
 
+@tune(key=("D", "CHUNK", "BLOCK_M", "IEEE"), restore=("ACC", "LSE"))
 @triton.jit
 def _past_fwd_kernel(Q, K, V, ACC, LSE, ROWS, TILE_PAIR, TILE_LEN, TILE_GROUP, BLOCK_START,
                      sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, qk_scale, HQ, HKV, tile_base,
@@ -123,8 +127,7 @@ def moba_fwd_triton(q, k, v, layout, tiles, past, softmax_scale: float, cfg):
     if tiles.count:
         _own_fwd_kernel[(tiles.count, hq)](
             q, k, v, acc, lse, tiles.row, tiles.token, tiles.length, tiles.block_start, *strides, qk_scale, hq,
-            GROUP=hq // hkv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, D=dim, IEEE=ieee,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            GROUP=hq // hkv, BLOCK_M=cfg.block_m, D=dim, IEEE=ieee, **launch_kwargs(cfg))
     block_start = layout.block_start.to(torch.int32)
     base = 0
     for count in past.slot_tiles:
@@ -132,6 +135,6 @@ def moba_fwd_triton(q, k, v, layout, tiles, past, softmax_scale: float, cfg):
             _past_fwd_kernel[(count,)](
                 q, k, v, acc, lse, past.rows, past.tile_pair, past.tile_len, past.tile_group, block_start,
                 *strides, qk_scale, hq, hkv, base, CHUNK=layout.chunk_size, BLOCK_M=cfg.pair_m,
-                BLOCK_N=cfg.block_n, D=dim, IEEE=ieee, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                D=dim, IEEE=ieee, **launch_kwargs(cfg))
         base += count
     return acc.view(total, hq, dim).to(q.dtype), lse.view(total, hq)
