@@ -126,8 +126,10 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
                         seq_length: Optional[int] = None, micro_batch_size: int = 1, label: Optional[str] = None,
                         tensor_model_parallel_size: int = 1, progress: bool = False) -> dict:
     """Positional and trailing loss of one checkpoint on ``docs`` (see the module docstring)."""
+    from .tokenizer import build_tokenizer
     check_checkpoint(load_dir)
-    s = seq_length or saved_args(load_dir).seq_length
+    saved = saved_args(load_dir)
+    s = seq_length or saved.seq_length
     buckets = make_buckets(s, bucket_width)
     trailing = bucket_width if trailing_tokens is None else trailing_tokens
     if not 1 <= trailing <= s:
@@ -136,11 +138,12 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
     if longest < s + 1:
         raise ValueError(f"no document is long enough for sequence length {s}: that needs {s + 1} tokens, the longest "
                          f"has {longest} (lower --seq-length, or evaluate on --data-path with longer documents)")
-    model, args, tokenizer = load_for_eval(load_dir, seq_length=s, tensor_model_parallel_size=tensor_model_parallel_size)
+    vocab = build_tokenizer(saved.tokenizer_type, saved.tokenizer_model, saved.vocab_size).vocab_size
     top = max(int(d.max()) for d in docs)
-    if top >= tokenizer.vocab_size:
-        raise ValueError(f"the documents hold token id {top}, outside the vocabulary of {load_dir} "
-                         f"({tokenizer.vocab_size}): were they tokenized with the checkpoint's tokenizer?")
+    if top >= vocab:
+        raise ValueError(f"the documents hold token id {top}, outside the vocabulary of {load_dir} ({vocab}): "
+                         "were they tokenized with the checkpoint's tokenizer?")
+    model, args, tokenizer = load_for_eval(load_dir, seq_length=s, tensor_model_parallel_size=tensor_model_parallel_size)
     sums = BucketSums(buckets, s, trailing)
     for _, losses in document_losses(model, docs, s, micro_batch_size, tokenizer.eod, progress):
         sums.add(losses)

@@ -118,6 +118,8 @@ def test_bad_inputs_fail_clearly(data, checkpoint, tmp_path, capsys):
     builder.finalize(str(tmp_path / "empty.idx"))
     build_indexed_dataset(iter(["1 2 3", "4 5 6 7"]), str(tmp_path / "short"), "NullTokenizer", vocab_size=200,
                           progress=False)
+    build_indexed_dataset(iter([" ".join(["250"] * 80)]), str(tmp_path / "foreign"), "NullTokenizer", vocab_size=300,
+                          progress=False)
     docs = str(data / "docs")
     cases = [
         (["--load", str(tmp_path / "nope"), "--data-path", docs], f"--load {tmp_path / 'nope'}: no such checkpoint"),
@@ -135,6 +137,8 @@ def test_bad_inputs_fail_clearly(data, checkpoint, tmp_path, capsys):
         (["--load", checkpoint, "--data-path", docs, "--bucket-width", "16", "--trailing-tokens", "65"],
          "--trailing-tokens (65) must be between 1 and the sequence length (64)"),
         (["--load", checkpoint, checkpoint, "--labels", "a", "--data-path", docs], "--labels names 1 checkpoints"),
+        (["--load", checkpoint, "--data-path", str(tmp_path / "foreign"), "--bucket-width", "16"],
+         "the documents hold token id 250, outside the vocabulary of"),
     ]
     for argv, text in cases:
         assert tool.main(argv) == 2, argv
