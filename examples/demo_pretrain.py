@@ -15,31 +15,11 @@ import json
 import os
 import subprocess
 import sys
-import sysconfig
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_moba.preprocess import build_indexed_dataset, train_sentencepiece  # noqa: E402
-
-
-def stdlib_corpus(path: str, max_bytes: int) -> int:
-    """Write the larger stdlib .py files as JSONL documents; returns the count."""
-    root = sysconfig.get_paths()["stdlib"]
-    files = []
-    for d, dirs, names in os.walk(root):
-        dirs[:] = sorted(x for x in dirs if x not in ("test", "tests", "idlelib", "site-packages", "__pycache__"))
-        files += [os.path.join(d, n) for n in sorted(names) if n.endswith(".py")]
-    total = count = 0
-    with open(path, "w") as f:
-        for p in files:
-            size = os.path.getsize(p)
-            if size < 8000 or total + size > max_bytes:
-                continue
-            text = open(p, encoding="utf-8", errors="replace").read()
-            f.write(json.dumps({"text": text, "path": os.path.relpath(p, root)}) + "\n")
-            total, count = total + size, count + 1
-    return count
+from megatron_moba.preprocess import build_indexed_dataset, stdlib_corpus, train_sentencepiece  # noqa: E402
 
 
 def train(name, data, tok, out, args, extra):

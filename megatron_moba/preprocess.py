@@ -109,3 +109,25 @@ def build_indexed_dataset(texts: Iterator[str], output_prefix: str, tokenizer_ty
             pool.terminate()
     builder.finalize(output_prefix + ".idx")
     return dict(documents=docs, tokens=tokens, vocab_size=tokenizer.vocab_size, eod=tokenizer.eod)
+
+
+def stdlib_corpus(path: str, max_bytes: int) -> int:
+    """A corpus that needs no download: the Python standard library's larger source files
+    (>= 8 KB each, up to ``max_bytes`` in all) written as JSONL documents ``{"text", "path"}``
+    to ``path``.  Returns the number of documents."""
+    import sysconfig
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for d, dirs, names in os.walk(root):
+        dirs[:] = sorted(x for x in dirs if x not in ("test", "tests", "idlelib", "site-packages", "__pycache__"))
+        files += [os.path.join(d, n) for n in sorted(names) if n.endswith(".py")]
+    total = count = 0
+    with open(path, "w") as f:
+        for p in files:
+            size = os.path.getsize(p)
+            if size < 8000 or total + size > max_bytes:
+                continue
+            text = open(p, encoding="utf-8", errors="replace").read()
+            f.write(json.dumps({"text": text, "path": os.path.relpath(p, root)}) + "\n")
+            total, count = total + size, count + 1
+    return count

@@ -233,7 +233,8 @@ def launch_command(run: Run, desc: dict, python: str = "python") -> List[str]:
 
 
 def prepare_data(desc: dict, out: str, write_corpus: Optional[Callable] = None, log=print) -> None:
-    """For ``data.stdlib_corpus``: corpus JSONL (``write_corpus(path, max_bytes)``), every eval_every-th
+    """For ``data.stdlib_corpus``: corpus JSONL (``write_corpus(path, max_bytes)``, default
+    ``preprocess.stdlib_corpus``), every eval_every-th
     document held out for evaluation, SentencePiece trained on the rest, two indexed datasets."""
     cfg = desc["data"]["stdlib_corpus"]
     paths = data_paths(desc, os.path.abspath(out))
@@ -245,9 +246,8 @@ def prepare_data(desc: dict, out: str, write_corpus: Optional[Callable] = None, 
         return
     if all(os.path.exists(p) for p in (paths["train"] + ".idx", paths["eval"] + ".idx", paths["tokenizer_model"])):
         return
-    if write_corpus is None:
-        raise ValueError("data.stdlib_corpus needs a corpus writer (tools/scaling_sweep.py passes the demo's)")
-    from .preprocess import build_indexed_dataset, train_sentencepiece
+    from .preprocess import build_indexed_dataset, stdlib_corpus, train_sentencepiece
+    write_corpus = write_corpus or stdlib_corpus
     corpus = os.path.join(os.path.dirname(paths["train"]), "corpus.jsonl")
     os.makedirs(os.path.dirname(corpus), exist_ok=True)
     n = write_corpus(corpus, cfg["max_bytes"])

@@ -34,7 +34,6 @@ The description (YAML or JSON; examples/sweeps/*.yaml):
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shlex
@@ -51,14 +50,6 @@ from megatron_moba import sweep  # noqa: E402
 from megatron_moba.positional_loss import plot_results  # noqa: E402
 
 PRESETS = os.path.join(ROOT, "examples", "sweeps")
-
-
-def stdlib_corpus(path: str, max_bytes: int) -> int:
-    """The demo's corpus (examples/demo_pretrain.py): the standard library's larger source files."""
-    spec = importlib.util.spec_from_file_location("demo_pretrain", os.path.join(ROOT, "examples", "demo_pretrain.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
-    return demo.stdlib_corpus(path, max_bytes)
 
 
 def fit(table: str, out: str, buckets=None, ratio_at=None) -> None:
@@ -115,7 +106,7 @@ def main(argv=None) -> int:
             for r in runs:
                 print(env + shlex.join(sweep.launch_command(r, desc)))
             return 0
-        sweep.prepare_data(desc, out, stdlib_corpus)
+        sweep.prepare_data(desc, out)
         if args.slurm:
             os.makedirs(os.path.join(out, "slurm"), exist_ok=True)       # for the tasks' --output files
             with open(args.slurm, "w") as f:
