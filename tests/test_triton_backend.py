@@ -79,6 +79,17 @@ def test_fp16_error_rule_in_interpreter_or_gpu():
         assert max_err(g, tg) <= 3 * max_err(rg, tg), name
 
 
+def test_backward_reuses_the_forward_plan(monkeypatch):
+    from moba_kernels.triton_backend import tiles
+    calls = []
+    real = tiles.past_index
+    monkeypatch.setattr(tiles, "past_index", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out, grads = _run("triton", *CASES[1], torch.float32)
+    assert len(calls) == 1                        # built once in the forward, reused by the backward
+    ref_out, ref_grads = _run("reference", *CASES[1], torch.float32)
+    assert max_err(out, ref_out) < 2e-5 and all(max_err(g, r) < 2e-5 for g, r in zip(grads, ref_grads))
+
+
 def test_batched_entry_and_deterministic_gradients():
     q, k, v = (t.to(DEVICE).view(2, 40, *t.shape[1:]) for t in rand_qkv(80, 2, 2, 16, torch.float32, seed=4))
     g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)

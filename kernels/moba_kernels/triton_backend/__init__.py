@@ -72,13 +72,23 @@ def kernel_config(dim: int, chunk_size: int) -> KernelConfig:
 
 
 def _plan(q, k, sel, cu_seqlens, chunk_size, q_tok):
+    """Block layout, tile sizes, query tiles and the reverse index of ``sel``.  The forward keeps
+    them on ``sel`` (saved for the backward), so the backward does not rebuild them."""
     from .tiles import past_index, query_tiles
+    key = (None if sel is None else sel._version, cu_seqlens.data_ptr(), chunk_size, tuple(q.shape), k.shape[1],
+           None if q_tok is None else q_tok.data_ptr())
+    cached = getattr(sel, "_moba_plan", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     layout = block_layout(cu_seqlens_values(cu_seqlens, k.shape[0]), chunk_size, q.device)
     cfg = kernel_config(q.shape[-1], chunk_size)
     q_tok = torch.arange(q.shape[0], device=q.device) if q_tok is None else q_tok
     tiles = query_tiles(layout, cfg.block_m, q_tok)
     past = None if sel is None else past_index(sel, layout, q_tok, k.shape[1], cfg.pair_m)
-    return layout, cfg, tiles, past, q_tok
+    plan = layout, cfg, tiles, past, q_tok
+    if sel is not None:
+        sel._moba_plan = (key, plan)
+    return plan
 
 
 @torch.library.custom_op("moba_kernels::triton_select", mutates_args=())
