@@ -55,6 +55,15 @@ def test_fused_gate_selects_what_the_torch_gate_selects(lens, hq, hkv, dim, chun
     assert got.dtype == torch.int32 and torch.equal(got, expected)
 
 
+def test_block_means_match_the_torch_gate():
+    from moba_kernels.gate import block_mean_keys
+    from moba_kernels.triton_backend.gate import block_mean_keys_triton
+    _, k, _ = (t.to(DEVICE) for t in rand_qkv(150, 2, 2, 16, torch.float16, seed=8))
+    layout = block_layout([0, 100, 100, 150], 32, k.device)          # partial last blocks, an empty sequence
+    got = block_mean_keys_triton(k, layout)
+    assert got.dtype == torch.float32 and max_err(got, block_mean_keys(k, layout)) < 1e-6
+
+
 def test_lse_matches_torch_backend():
     from moba_kernels import ops
     lens, chunk, topk = [50, 29], 16, 2

@@ -1,4 +1,5 @@
-"""Fused MoBA gate: block scores and the running top-(k-1) in one pass, per query tile.
+"""Fused MoBA gate: block means of the keys, then block scores and the running top-(k-1) in one
+pass per query tile.
 
 For a tile of ``BLOCK_M`` queries (one own block ``c``, see tiles.py) and one query head, the
 kernel walks the earlier blocks ``0..c-1`` of the sequence ``BLOCK_N`` at a time, scores them
@@ -12,9 +13,33 @@ import torch
 import triton
 import triton.language as tl
 
-from ..gate import block_mean_keys
 from ..layout import BlockLayout
 from .tiles import QueryTiles
+
+
+@triton.jit
+def _block_mean_kernel(K, KM, BLOCK_START, BLOCK_LEN, sk_t, sk_h, skm_b, skm_h,
+                       BLOCK_T: tl.constexpr, D: tl.constexpr):
+    """Mean of each key block, fp32: one program per (block, kv head)."""
+    blk, g = tl.program_id(0), tl.program_id(1)
+    start, n = tl.load(BLOCK_START + blk), tl.load(BLOCK_LEN + blk)
+    d = tl.arange(0, D)
+    total = tl.zeros([D], tl.float32)
+    for t0 in range(0, n, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        k = tl.load(K + (start + t)[:, None] * sk_t + g * sk_h + d[None, :], mask=(t < n)[:, None], other=0.0)
+        total += tl.sum(k.to(tl.float32), 0)
+    tl.store(KM + blk * skm_b + g * skm_h + d, total / n)
+
+
+def block_mean_keys_triton(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """k [T, Hkv, D] -> [NB, Hkv, D] float32 block means (no fp32 copy of k)."""
+    kmean = torch.empty(layout.num_blocks, k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
+    if layout.num_blocks:
+        _block_mean_kernel[(layout.num_blocks, k.shape[1])](
+            k, kmean, layout.block_start.to(torch.int32), layout.block_len.to(torch.int32), k.stride(0), k.stride(1),
+            kmean.stride(0), kmean.stride(1), BLOCK_T=64, D=k.shape[2])
+    return kmean
 
 
 @triton.jit
@@ -62,7 +87,7 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, 
     own = layout.token_local_block[q_tok].to(torch.int32)[:, None, None].expand(total, hq, 1)
     if topk == 1:
         return own.contiguous()
-    kmean = block_mean_keys(k, layout)                                              # [NB, Hkv, D] fp32
+    kmean = block_mean_keys_triton(k, layout)                                       # [NB, Hkv, D] fp32
     past = torch.empty(total, hq, topk - 1, dtype=torch.int32, device=q.device)
     if tiles.count:
         _gate_topk_kernel[(tiles.count, hq)](
