@@ -36,6 +36,7 @@ def _dot(a, b, IEEE: tl.constexpr):
 def _load_queries(Q, DO, LSE, DELTA, t, h, live, sq_t, sq_h, sdo_t, sdo_h, HQ, D: tl.constexpr):
     """q, dO [BM, D], lse (log2 units) and delta [BM] of query rows (token t, head h)."""
     d = tl.arange(0, D)
+    t = t.to(tl.int64)                                                              # int64: T * H * D may pass 2^31
     q = tl.load(Q + t[:, None] * sq_t + h[:, None] * sq_h + d[None, :], mask=live[:, None], other=0.0)
     do = tl.load(DO + t[:, None] * sdo_t + h[:, None] * sdo_h + d[None, :], mask=live[:, None], other=0.0)
     flat = t * HQ + h
@@ -57,7 +58,7 @@ def _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, 
     dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
     if ATOMIC_DQ:
         d = tl.arange(0, D)
-        tl.atomic_add(DQ + flat[:, None] * D + d[None, :], _dot(ds.to(k.dtype), k, IEEE) * scale,
+        tl.atomic_add(DQ + flat.to(tl.int64)[:, None] * D + d[None, :], _dot(ds.to(k.dtype), k, IEEE) * scale,
                       mask=live[:, None])
     return dk, dv
 
@@ -76,7 +77,7 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, ROWS, GROUP_START, BLOCK_S
     if j * BLOCK_N < blen:
         d = tl.arange(0, D)
         m = tl.arange(0, BLOCK_M)
-        kcol = bstart + j * BLOCK_N + tl.arange(0, BLOCK_N)
+        kcol = (bstart + j * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
         kin = kcol < bstart + blen
         k = tl.load(K + kcol[:, None] * sk_t + g * sk_h + d[None, :], mask=kin[:, None], other=0.0)
         v = tl.load(V + kcol[:, None] * sv_t + g * sv_h + d[None, :], mask=kin[:, None], other=0.0)
@@ -117,7 +118,7 @@ def _dq_over_keys(q, do, lse2, delta, dq, K, V, k_lo, k_hi, rows, g, sk_t, sk_h,
                   CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
     d = tl.arange(0, D)
     for n0 in range(k_lo, k_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         inside = cols < k_hi
         k = tl.load(K + cols[:, None] * sk_t + g * sk_h + d[None, :], mask=inside[:, None], other=0.0)
         v = tl.load(V + cols[:, None] * sv_t + g * sv_h + d[None, :], mask=inside[:, None], other=0.0)
@@ -142,7 +143,7 @@ def _own_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T_ROW, T_TOK, T_LEN, T_BSTART,
     n, bstart = tl.load(T_LEN + tile), tl.load(T_BSTART + tile)
     m = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
-    rows = row0 + m                                                                # query rows; tokens tok0 + m
+    rows = (row0 + m).to(tl.int64)                                                 # query rows; tokens tok0 + m
     live = m < n
     q, do, lse2, delta = _load_queries(Q, DO, LSE, DELTA, rows, tl.zeros([BLOCK_M], tl.int32) + h, live,
                                        sq_t, sq_h, sdo_t, sdo_h, HQ, D)
@@ -165,7 +166,7 @@ def _past_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, ROWS, TILE_PAIR, TILE_LEN, TILE
     m = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     live = m < n
-    flat = tl.load(ROWS + first + m, mask=live, other=0)
+    flat = tl.load(ROWS + first + m, mask=live, other=0).to(tl.int64)
     q, do, lse2, delta = _load_queries(Q, DO, LSE, DELTA, flat // HQ, flat % HQ, live, sq_t, sq_h, sdo_t, sdo_h,
                                        HQ, D)
     kstart = tl.load(BLOCK_START + blk)

@@ -33,7 +33,7 @@ def _attend_tile(q, K, V, m_i, l_i, acc, k_lo, k_hi, rows, g, sk_t, sk_h, sv_t, 
     (scores in log2 units)."""
     d = tl.arange(0, D)
     for n0 in range(k_lo, k_hi, BLOCK_N):
-        cols = n0 + tl.arange(0, BLOCK_N)
+        cols = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)                           # int64: T * H * D may pass 2^31
         inside = cols < k_hi
         k = tl.load(K + cols[:, None] * sk_t + g * sk_h + d[None, :], mask=inside[:, None], other=0.0)
         v = tl.load(V + cols[:, None] * sv_t + g * sv_h + d[None, :], mask=inside[:, None], other=0.0)
@@ -69,7 +69,7 @@ def _own_fwd_kernel(Q, K, V, ACC, LSE, T_ROW, T_TOK, T_LEN, T_BSTART,
     n, bstart = tl.load(T_LEN + tile), tl.load(T_BSTART + tile)
     m = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
-    rows = row0 + m                                                                # query rows; tokens tok0 + m
+    rows = (row0 + m).to(tl.int64)                                                 # query rows; tokens tok0 + m
     live = m < n
     q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=live[:, None], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -95,7 +95,7 @@ def _past_fwd_kernel(Q, K, V, ACC, LSE, ROWS, TILE_PAIR, TILE_LEN, TILE_GROUP, B
     m = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     live = m < n
-    flat = tl.load(ROWS + first + m, mask=live, other=0)                         # token * HQ + head
+    flat = tl.load(ROWS + first + m, mask=live, other=0).to(tl.int64)            # token * HQ + head
     q = tl.load(Q + (flat // HQ)[:, None] * sq_t + (flat % HQ)[:, None] * sq_h + d[None, :],
                 mask=live[:, None], other=0.0)
     kstart = tl.load(BLOCK_START + blk)

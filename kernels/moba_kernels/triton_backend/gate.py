@@ -26,7 +26,7 @@ def _block_mean_kernel(K, KM, BLOCK_START, BLOCK_LEN, sk_t, sk_h, skm_b, skm_h,
     d = tl.arange(0, D)
     total = tl.zeros([D], tl.float32)
     for t0 in range(0, n, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
+        t = (t0 + tl.arange(0, BLOCK_T)).to(tl.int64)
         k = tl.load(K + (start + t)[:, None] * sk_t + g * sk_h + d[None, :], mask=(t < n)[:, None], other=0.0)
         total += tl.sum(k.to(tl.float32), 0)
     tl.store(KM + blk * skm_b + g * skm_h + d, total / n)
@@ -52,7 +52,7 @@ def _gate_topk_kernel(Q, KM, OUT, T_ROW, T_LEN, T_OWN, T_FIRST,
     own, first = tl.load(T_OWN + tile), tl.load(T_FIRST + tile)
     m = tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
-    rows = start + m
+    rows = (start + m).to(tl.int64)                    # int64 offsets: T * Hq * D may pass 2^31
     q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=(m < n)[:, None], other=0.0)
     q = q.to(tl.float32)                                                            # [BM, D]
     slot = tl.arange(0, KP)[None, :]
