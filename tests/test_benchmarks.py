@@ -41,3 +41,20 @@ def test_bench_training_reports_both_variants(tmp_path):
     assert all(r["iterations"] == 2 and r["tokens_per_s"] > 0 for r in by.values())
     assert abs(result["moba_over_full_step_time"] - by["moba"]["step_time_s"] / by["full"]["step_time_s"]) < 1e-12
     assert "MoBA step time / full attention step time" in text
+
+
+def test_flex_baseline_computes_the_same_moba_attention():
+    """The flex_attention baseline attends exactly MoBA's selection (both block-mask builds)."""
+    import importlib.util
+
+    import torch
+
+    from moba_kernels import moba_attn
+    spec = importlib.util.spec_from_file_location("bench_attention", os.path.join(ROOT, "tools", "bench_attention.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g = torch.Generator().manual_seed(0)
+    for seqlen, chunk in ((512, 128), (192, 64)):          # BlockMask from the selection / create_block_mask
+        q, k, v = (torch.randn(1, seqlen, h, 32, generator=g) for h in (4, 2, 2))
+        out = bench._flex_moba(q, k, v, chunk, 2)()
+        assert (out - moba_attn(q, k, v, chunk, 2, backend="reference")).abs().max() < 1e-5

@@ -88,9 +88,13 @@ def _sdpa(q, k, v, backend=None):
         return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa).transpose(1, 2)
 
 
-def _flex_moba(q, k, v, chunk, topk):
-    """flex_attention (compiled) with a block mask holding the same MoBA selection as the op."""
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+def _flex_moba(q, k, v, chunk, topk, block=128):
+    """flex_attention (compiled) with a block mask holding the same MoBA selection as the op.
+
+    The BlockMask is built from the selection directly (no dense [S, S] mask, so 128K fits):
+    a (128-query, 128-key) tile is listed when any query of the tile selected the key's chunk,
+    and mask_mod makes it exact per token."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
     from moba_kernels import moba_select_blocks
     b, s, h = q.shape[:3]
@@ -101,7 +105,15 @@ def _flex_moba(q, k, v, chunk, topk):
 
     def mask_mod(bi, hi, qi, ki):
         return (ki <= qi) & chosen[bi, hi, qi, ki // chunk]
-    mask = create_block_mask(mask_mod, b, h, s, s, device=q.device)
+    if chunk % block or s % block:
+        mask = create_block_mask(mask_mod, b, h, s, s, device=q.device, _compile=True)
+    else:
+        qb = s // block
+        tiles = chosen[..., :nb].view(b, h, qb, block, nb).any(3)                     # [B, H, QB, NB] chunks used
+        tiles = tiles.repeat_interleave(chunk // block, dim=3)                         # [B, H, QB, KVB]
+        kv_num = tiles.sum(-1).to(torch.int32)
+        kv_idx = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
+        mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(s, s))
     flex = torch.compile(flex_attention)
     qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
 
