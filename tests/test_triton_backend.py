@@ -88,13 +88,15 @@ def test_fp16_error_rule_in_interpreter_or_gpu():
         assert max_err(g, tg) <= 3 * max_err(rg, tg), name
 
 
-def test_backward_reuses_the_forward_plan(monkeypatch):
+def test_forward_and_backward_reuse_the_plan(monkeypatch):
     from moba_kernels.triton_backend import tiles
-    calls = []
-    real = tiles.past_index
-    monkeypatch.setattr(tiles, "past_index", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = {"past_index": [], "query_tiles": []}
+    for name in calls:
+        real = getattr(tiles, name)
+        monkeypatch.setattr(tiles, name, lambda *a, _r=real, _n=name, **k: calls[_n].append(1) or _r(*a, **k))
     out, grads = _run("triton", *CASES[1], torch.float32)
-    assert len(calls) == 1                        # built once in the forward, reused by the backward
+    # tiles built once by the gate, the reverse index once by the forward; the backward reuses both
+    assert len(calls["query_tiles"]) == 1 and len(calls["past_index"]) == 1
     ref_out, ref_grads = _run("reference", *CASES[1], torch.float32)
     assert max_err(out, ref_out) < 2e-5 and all(max_err(g, r) < 2e-5 for g, r in zip(grads, ref_grads))
 

@@ -106,7 +106,7 @@ def _flex_moba(q, k, v, chunk, topk, block=128):
     def mask_mod(bi, hi, qi, ki):
         return (ki <= qi) & chosen[bi, hi, qi, ki // chunk]
     if chunk % block or s % block:
-        mask = create_block_mask(mask_mod, b, h, s, s, device=q.device, _compile=True)
+        mask = create_block_mask(mask_mod, b, h, s, s, device=q.device)      # dense: short or unaligned only
     else:
         qb = s // block
         tiles = chosen[..., :nb].view(b, h, qb, block, nb).any(3)                     # [B, H, QB, NB] chunks used

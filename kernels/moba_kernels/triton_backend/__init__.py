@@ -71,23 +71,28 @@ def kernel_config(dim: int, chunk_size: int) -> KernelConfig:
     return KernelConfig(block_m, 64 if dim <= 64 else 32, 64, 4, 2)
 
 
-def _plan(q, k, sel, cu_seqlens, chunk_size, q_tok):
-    """Block layout, tile sizes, query tiles and the reverse index of ``sel``.  The forward keeps
-    them on ``sel`` (saved for the backward), so the backward does not rebuild them."""
+def _plan(q, k, sel, cu_seqlens, chunk_size, q_tok, need_past=True):
+    """Block layout, tile sizes, query tiles and (``need_past``) the reverse index of ``sel``.
+
+    They are kept on ``sel``: the select op leaves the layout and tiles on the selection it
+    returns, the forward adds the reverse index, and the backward (``sel`` is saved for it)
+    rebuilds nothing.  A stale or missing entry is simply rebuilt."""
     from .tiles import past_index, query_tiles
-    key = (None if sel is None else sel._version, cu_seqlens.data_ptr(), chunk_size, tuple(q.shape), k.shape[1],
+    key = (cu_seqlens.data_ptr(), chunk_size, tuple(q.shape), k.shape[1],
            None if q_tok is None else q_tok.data_ptr())
     cached = getattr(sel, "_moba_plan", None)
-    if cached is not None and cached[0] == key:
+    if cached is not None and cached[0] == (sel._version, *key) and (cached[1][3] is not None or not need_past):
         return cached[1]
-    layout = block_layout(cu_seqlens_values(cu_seqlens, k.shape[0]), chunk_size, q.device)
-    cfg = kernel_config(q.shape[-1], chunk_size)
-    q_tok = torch.arange(q.shape[0], device=q.device) if q_tok is None else q_tok
-    tiles = query_tiles(layout, cfg.block_m, q_tok)
-    past = None if sel is None else past_index(sel, layout, q_tok, k.shape[1], cfg.pair_m)
+    if cached is not None and cached[0][1:] == key:
+        layout, cfg, tiles, _, q_tok = cached[1]             # the select op's layout and tiles
+    else:
+        layout = block_layout(cu_seqlens_values(cu_seqlens, k.shape[0]), chunk_size, q.device)
+        cfg = kernel_config(q.shape[-1], chunk_size)
+        q_tok = torch.arange(q.shape[0], device=q.device) if q_tok is None else q_tok
+        tiles = query_tiles(layout, cfg.block_m, q_tok)
+    past = past_index(sel, layout, q_tok, k.shape[1], cfg.pair_m) if need_past else None
     plan = layout, cfg, tiles, past, q_tok
-    if sel is not None:
-        sel._moba_plan = (key, plan)
+    sel._moba_plan = ((sel._version, *key), plan)
     return plan
 
 
@@ -95,8 +100,15 @@ def _plan(q, k, sel, cu_seqlens, chunk_size, q_tok):
 def triton_select_op(q: Tensor, k: Tensor, cu_seqlens: Tensor, chunk_size: int, topk: int,
                      q_tok: Optional[Tensor] = None) -> Tensor:
     from .gate import select_blocks_triton
-    layout, cfg, tiles, _, q_tok = _plan(q, k, None, cu_seqlens, chunk_size, q_tok)
-    return select_blocks_triton(q, k, layout, topk, tiles, cfg.block_m, q_tok)
+    from .tiles import query_tiles
+    layout = block_layout(cu_seqlens_values(cu_seqlens, k.shape[0]), chunk_size, q.device)
+    cfg = kernel_config(q.shape[-1], chunk_size)
+    tok = torch.arange(q.shape[0], device=q.device) if q_tok is None else q_tok
+    tiles = query_tiles(layout, cfg.block_m, tok)
+    sel = select_blocks_triton(q, k, layout, topk, tiles, cfg.block_m, tok)
+    key = (cu_seqlens.data_ptr(), chunk_size, tuple(q.shape), k.shape[1], None if q_tok is None else q_tok.data_ptr())
+    sel._moba_plan = ((sel._version, *key), (layout, cfg, tiles, None, tok))   # reused by the forward
+    return sel
 
 
 @triton_select_op.register_fake
