@@ -55,19 +55,24 @@ def _(dout, q, k, v, out, lse, cu_seqlens, sel, chunk_size, softmax_scale, q_tok
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, sel, chunk_size, softmax_scale, q_tok = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sel, q_tok)
-    ctx.mark_non_differentiable(lse)   # the LSE is an auxiliary output for merging, not a loss input
-    ctx.chunk_size, ctx.softmax_scale = chunk_size, softmax_scale
+def register_attention_autograd(fwd_name: str, bwd_op) -> None:
+    """Autograd for a MoBA forward op ``(q, k, v, cu_seqlens, sel, chunk_size, softmax_scale, q_tok)
+    -> (out, lse)`` whose backward op takes ``(dout, q, k, v, out, lse, cu_seqlens, sel, chunk_size,
+    softmax_scale, q_tok)`` and returns ``(dq, dk, dv)`` (the torch and triton backends)."""
+    def setup_context(ctx, inputs, output):
+        q, k, v, cu_seqlens, sel, chunk_size, softmax_scale, q_tok = inputs
+        out, lse = output
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sel, q_tok)
+        ctx.mark_non_differentiable(lse)   # the LSE is an auxiliary output for merging, not a loss input
+        ctx.chunk_size, ctx.softmax_scale = chunk_size, softmax_scale
+
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_seqlens, sel, q_tok = ctx.saved_tensors
+        dq, dk, dv = bwd_op(dout.contiguous(), q, k, v, out, lse, cu_seqlens, sel, ctx.chunk_size,
+                            ctx.softmax_scale, q_tok)
+        return dq, dk, dv, None, None, None, None, None
+
+    torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
 
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens, sel, q_tok = ctx.saved_tensors
-    dq, dk, dv = torch_bwd_op(dout.contiguous(), q, k, v, out, lse, cu_seqlens, sel,
-                              ctx.chunk_size, ctx.softmax_scale, q_tok)
-    return dq, dk, dv, None, None, None, None, None
-
-
-torch.library.register_autograd("moba_kernels::torch_fwd", _backward, setup_context=_setup_context)
+register_attention_autograd("moba_kernels::torch_fwd", torch_bwd_op)

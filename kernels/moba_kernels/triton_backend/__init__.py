@@ -23,6 +23,7 @@ from torch import Tensor
 
 from .._checks import cu_seqlens_values
 from ..layout import block_layout
+from ..ops import register_attention_autograd
 
 from .tuning import INTERPRET
 # How dQ is accumulated: "separate" (deterministic pass) or "atomic" (fp32 atomics in the dK/dV
@@ -143,22 +144,7 @@ def _(dout, q, k, v, out, lse, cu_seqlens, sel, chunk_size, softmax_scale, q_tok
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, sel, chunk_size, softmax_scale, q_tok = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, sel, q_tok)
-    ctx.mark_non_differentiable(lse)
-    ctx.chunk_size, ctx.softmax_scale = chunk_size, softmax_scale
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_seqlens, sel, q_tok = ctx.saved_tensors
-    dq, dk, dv = triton_bwd_op(dout.contiguous(), q, k, v, out, lse, cu_seqlens, sel, ctx.chunk_size,
-                               ctx.softmax_scale, q_tok)
-    return dq, dk, dv, None, None, None, None, None
-
-
-torch.library.register_autograd("moba_kernels::triton_fwd", _backward, setup_context=_setup_context)
+register_attention_autograd("moba_kernels::triton_fwd", triton_bwd_op)
 
 
 def attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_tok=None):
