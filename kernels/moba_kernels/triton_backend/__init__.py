@@ -24,8 +24,9 @@ from torch import Tensor
 from .._checks import cu_seqlens_values
 from ..layout import block_layout
 from ..ops import register_attention_autograd
-
 from .tuning import INTERPRET
+
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # How dQ is accumulated: "separate" (deterministic pass) or "atomic" (fp32 atomics in the dK/dV
 # kernel).  MOBA_TRITON_DQ overrides; deterministic algorithms (torch / megatron's
 # --deterministic-mode) always get "separate".
@@ -37,7 +38,6 @@ def dq_mode() -> str:
     if mode not in ("separate", "atomic"):
         raise ValueError(f"MOBA_TRITON_DQ must be 'separate' or 'atomic', got {mode!r}")
     return "separate" if torch.are_deterministic_algorithms_enabled() else mode
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def available(device: torch.device) -> bool:
@@ -72,28 +72,37 @@ def kernel_config(dim: int, chunk_size: int) -> KernelConfig:
     return KernelConfig(block_m, 64 if dim <= 64 else 32, 64, 4, 2)
 
 
-def _plan(q, k, sel, cu_seqlens, chunk_size, q_tok, need_past=True):
-    """Block layout, tile sizes, query tiles and (``need_past``) the reverse index of ``sel``.
+def _plan_key(q, k, cu_seqlens, chunk_size, q_tok, sel) -> tuple:
+    return (sel._version, cu_seqlens.data_ptr(), chunk_size, tuple(q.shape), k.shape[1],
+            None if q_tok is None else q_tok.data_ptr())
+
+
+def _tiling(q, k, cu_seqlens, chunk_size, q_tok):
+    """Block layout, tile sizes, query tiles and the query rows' tokens."""
+    from .tiles import query_tiles
+    layout = block_layout(cu_seqlens_values(cu_seqlens, k.shape[0]), chunk_size, q.device)
+    cfg = kernel_config(q.shape[-1], chunk_size)
+    tok = torch.arange(q.shape[0], device=q.device) if q_tok is None else q_tok
+    return layout, cfg, query_tiles(layout, cfg.block_m, tok), tok
+
+
+def _plan(q, k, sel, cu_seqlens, chunk_size, q_tok):
+    """Block layout, tile sizes, query tiles and the reverse index of ``sel``.
 
     They are kept on ``sel``: the select op leaves the layout and tiles on the selection it
     returns, the forward adds the reverse index, and the backward (``sel`` is saved for it)
     rebuilds nothing.  A stale or missing entry is simply rebuilt."""
-    from .tiles import past_index, query_tiles
-    key = (cu_seqlens.data_ptr(), chunk_size, tuple(q.shape), k.shape[1],
-           None if q_tok is None else q_tok.data_ptr())
+    from .tiles import past_index
+    key = _plan_key(q, k, cu_seqlens, chunk_size, q_tok, sel)
     cached = getattr(sel, "_moba_plan", None)
-    if cached is not None and cached[0] == (sel._version, *key) and (cached[1][3] is not None or not need_past):
-        return cached[1]
-    if cached is not None and cached[0][1:] == key:
-        layout, cfg, tiles, _, q_tok = cached[1]             # the select op's layout and tiles
+    if cached is not None and cached[0] == key:
+        layout, cfg, tiles, past, tok = cached[1]
+        if past is not None:
+            return cached[1]
     else:
-        layout = block_layout(cu_seqlens_values(cu_seqlens, k.shape[0]), chunk_size, q.device)
-        cfg = kernel_config(q.shape[-1], chunk_size)
-        q_tok = torch.arange(q.shape[0], device=q.device) if q_tok is None else q_tok
-        tiles = query_tiles(layout, cfg.block_m, q_tok)
-    past = past_index(sel, layout, q_tok, k.shape[1], cfg.pair_m) if need_past else None
-    plan = layout, cfg, tiles, past, q_tok
-    sel._moba_plan = ((sel._version, *key), plan)
+        layout, cfg, tiles, tok = _tiling(q, k, cu_seqlens, chunk_size, q_tok)
+    plan = layout, cfg, tiles, past_index(sel, layout, tok, k.shape[1], cfg.pair_m), tok
+    sel._moba_plan = (key, plan)
     return plan
 
 
@@ -101,14 +110,9 @@ def _plan(q, k, sel, cu_seqlens, chunk_size, q_tok, need_past=True):
 def triton_select_op(q: Tensor, k: Tensor, cu_seqlens: Tensor, chunk_size: int, topk: int,
                      q_tok: Optional[Tensor] = None) -> Tensor:
     from .gate import select_blocks_triton
-    from .tiles import query_tiles
-    layout = block_layout(cu_seqlens_values(cu_seqlens, k.shape[0]), chunk_size, q.device)
-    cfg = kernel_config(q.shape[-1], chunk_size)
-    tok = torch.arange(q.shape[0], device=q.device) if q_tok is None else q_tok
-    tiles = query_tiles(layout, cfg.block_m, tok)
+    layout, cfg, tiles, tok = _tiling(q, k, cu_seqlens, chunk_size, q_tok)
     sel = select_blocks_triton(q, k, layout, topk, tiles, cfg.block_m, tok)
-    key = (cu_seqlens.data_ptr(), chunk_size, tuple(q.shape), k.shape[1], None if q_tok is None else q_tok.data_ptr())
-    sel._moba_plan = ((sel._version, *key), (layout, cfg, tiles, None, tok))   # reused by the forward
+    sel._moba_plan = (_plan_key(q, k, cu_seqlens, chunk_size, q_tok, sel), (layout, cfg, tiles, None, tok))
     return sel
 
 
