@@ -67,7 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--bf16", action="store_true",
-                   help="bf16 compute under torch.autocast with fp32 master weights (CUDA; no effect on CPU)")
+                   help="bf16 training: with --optimizer-impl megatron bf16 weights and fp32 main weights in the "
+                        "optimizer (Megatron-LM's); with torch, autocast(bf16) over fp32 weights (no effect on CPU)")
+    g.add_argument("--optimizer-impl", choices=["megatron", "torch"], default=None,
+                   help="megatron: megatron-core DDP + optimizer; torch: torch AdamW over fp32 weights "
+                        "(default: megatron with CUDA, torch without)")
+    g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=None,
+                   help="shard fp32 main weights and Adam states over data-parallel ranks "
+                        "(--optimizer-impl megatron; default: on)")
+    g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap data-parallel gradient reduction with the backward "
+                        "(--optimizer-impl megatron; default: on with CUDA)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (saving a checkpoint if --save) once the iteration is a multiple of this")
@@ -95,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true",
                    help="load weights only: iteration, optimizer, scheduler and data position start afresh")
     g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="save the distributed optimizer's state per parameter, loadable at any TP/PP/DP "
+                        "(default: per data-parallel shard, loadable at another DP size only; faster)")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
@@ -164,8 +177,26 @@ def validate_args(args, world_size: int) -> None:
         raise ValueError("--save-interval needs --save")
     if args.attention == "moba" and args.attention_dropout:
         raise ValueError("--attention-dropout must be 0 with --attention moba (MoBA layers have no attention dropout)")
+    _resolve_optimizer(args)
     if args.document_attention and args.context_parallel_size > 1:
         raise ValueError("--document-attention with --context-parallel-size > 1 is not supported yet")
+
+
+def _resolve_optimizer(args) -> None:
+    """Defaults of the optimizer flags from CUDA availability; megatron-only flags checked."""
+    cuda = torch.cuda.is_available()
+    if args.optimizer_impl is None:
+        args.optimizer_impl = "megatron" if cuda else "torch"
+    for flag in ("use_distributed_optimizer", "overlap_grad_reduce"):
+        if args.optimizer_impl == "torch" and getattr(args, flag):
+            raise ValueError(f"--{flag.replace('_', '-')} needs --optimizer-impl megatron")
+    if args.optimizer_impl == "megatron":
+        if args.use_distributed_optimizer is None:
+            args.use_distributed_optimizer = True
+        if args.overlap_grad_reduce is None:
+            args.overlap_grad_reduce = cuda
+    args.use_distributed_optimizer = bool(args.use_distributed_optimizer)
+    args.overlap_grad_reduce = bool(args.overlap_grad_reduce)
 
 
 def config_from_args(args) -> "MoBATransformerConfig":
@@ -173,8 +204,11 @@ def config_from_args(args) -> "MoBATransformerConfig":
     import torch.nn.functional as F
 
     from .config import MoBATransformerConfig
-    # --bf16: weights and AdamW state stay fp32 (torch's AdamW has no master copy of bf16 weights);
-    # megatron's schedules run each micro-batch under torch.autocast(bf16).
+    # --bf16 with megatron's optimizer: bf16 weights (Float16Module), fp32 main weights in the optimizer.
+    # With torch AdamW (no master copy of bf16 weights) weights stay fp32 and megatron's schedules run
+    # each micro-batch under torch.autocast(bf16).
+    bf16_weights = args.bf16 and getattr(args, "optimizer_impl", "torch") == "megatron"
+    dtype = torch.bfloat16 if bf16_weights else torch.float32
     return MoBATransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
@@ -185,8 +219,8 @@ def config_from_args(args) -> "MoBATransformerConfig":
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
-        params_dtype=torch.float32, pipeline_dtype=torch.float32, enable_autocast=args.bf16,
-        autocast_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16_weights,
+        enable_autocast=args.bf16 and not bf16_weights, autocast_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_cpu_initialization=not torch.cuda.is_available(),
         attention=args.attention, moba_chunk_size=args.moba_chunk_size, moba_topk=args.moba_topk,
         moba_backend=args.moba_backend, moba_full_attn_layers=args.moba_full_attn_layers,

@@ -19,7 +19,6 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, optim_state_to_sharding_state
 
 LATEST = "latest_checkpointed_iteration.txt"
 
@@ -36,21 +35,6 @@ def read_latest(root: str) -> int:
     if not text.isdigit():
         raise ValueError(f"{path} is corrupted: expected an iteration number, found {text[:40]!r}")
     return int(text)
-
-
-def _optimizer_sharded(model_sd, optimizer):
-    """torch.optim.AdamW state as sharded tensors that follow the model's sharding."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    for p in params:                      # materialize state so the structure exists before a first step
-        st = optimizer.state[p]
-        if not st:
-            st["step"] = torch.zeros((), dtype=torch.float32)
-            st["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    state = optimizer.state_dict()
-    step = float(next(iter(state["state"].values()))["step"]) if state["state"] else 0.0
-    optim_state_to_sharding_state(state, get_param_id_to_sharded_param_map(model_sd, params), exclude_keys=("step",))
-    return state, step
 
 
 def _rng_object(rank: int, world: int, state=None) -> ShardedObject:
@@ -76,8 +60,9 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
     state = {"model": model_sd, "rng": _rng_object(rank, world), "iteration": iteration,
              "consumed_samples": consumed_samples, "world_size": world,
              "args": vars(args) if args is not None else None, **(extra or {})}
-    if optimizer is not None:
-        state["optimizer"], state["optimizer_step"] = _optimizer_sharded(model_sd, optimizer)
+    if optimizer is not None:          # megatron_moba.optimizer's interface
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd)
+        state["optimizer_impl"], state["optimizer_sharding"] = optimizer.impl, optimizer.sharding
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     dist_checkpointing.save(state, tmp)
@@ -94,6 +79,22 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
         os.replace(latest_tmp, os.path.join(root, LATEST))
     dist.barrier()
     return final
+
+
+def _check_optimizer_layout(path: str, common: dict) -> None:
+    """A distributed-optimizer state saved per DP shard only loads at the TP/PP it was saved with."""
+    from megatron.core import parallel_state as ps
+    if common.get("optimizer_sharding") != "dp_reshardable":
+        return
+    saved = common.get("args") or {}
+    now = {"tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+           "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size()}
+    for key, size in now.items():
+        if saved.get(key, size) != size:
+            flag = "--" + key.replace("_", "-")
+            raise ValueError(f"{path} holds the distributed optimizer's state per data-parallel shard, saved at "
+                             f"{flag} {saved[key]}: resume at {flag} {saved[key]}, or load the weights only with "
+                             "--no-load-optim; save with --dist-ckpt-optim-fully-reshardable to change TP/PP")
 
 
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None, finetune: bool = False,
@@ -113,7 +114,13 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, finetune: 
             raise ValueError(f"{path} holds weights only (no optimizer or scheduler): load it with --finetune")
         request["rng"] = _rng_object(rank, world)
         if optimizer is not None:
-            request["optimizer"], _ = _optimizer_sharded(model_sd, optimizer)
+            saved_impl = common.get("optimizer_impl", "torch")
+            if saved_impl != optimizer.impl:
+                raise ValueError(f"{path} holds the optimizer state of --optimizer-impl {saved_impl}; resume with "
+                                 f"it, or load the weights only with --no-load-optim (or --finetune)")
+            _check_optimizer_layout(path, common)
+            request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
+                                                                sharding=common.get("optimizer_sharding"))
     if "rng" in request and common.get("world_size") != world:
         request.pop("rng")     # per-rank RNG states only carry over to the same number of ranks
         if rank == 0:
@@ -127,10 +134,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, finetune: 
     if finetune:
         return 0, 0
     if optimizer is not None and "optimizer" in loaded:
-        osd = loaded["optimizer"]
-        for st in osd["state"].values():
-            st["step"] = torch.tensor(common["optimizer_step"], dtype=torch.float32)
-        optimizer.load_state_dict(osd)
+        optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(common["scheduler"])
     rng = loaded.get("rng")

@@ -15,9 +15,17 @@ megatron-core assumes CUDA in a few places that matter for small CPU runs over g
   pinned memory and calls ``.cuda()``: replaced by the same slicing with a CPU index.
 
 What the shim does *not* cover is avoided by the callers instead: no
-``model_parallel_cuda_manual_seed`` (CUDA RNG tracker), torch ``AdamW`` instead of
-megatron's optimizer (hardcodes CUDA), and a CPU-safe core attention for full-attention
-layers in place of the local ``DotProductAttention`` (CUDA memory buffer).
+``model_parallel_cuda_manual_seed`` (CUDA RNG tracker), and a CPU-safe core attention for
+full-attention layers in place of the local ``DotProductAttention`` (CUDA memory buffer).
+
+megatron's optimizer (``get_megatron_optimizer``, the distributed optimizer, grad clipping)
+allocates its scalars with ``device='cuda'`` and accepts only parameters whose
+``Tensor.type()`` reads ``torch.cuda.*Tensor``.  ``apply_cpu_optimizer_shim()`` covers that,
+opt-in, for ``--optimizer-impl megatron`` on CPU (how the tests run the GPU default path):
+
+* the ``torch`` seen by megatron's optimizer modules and ``megatron.core.utils`` maps
+  ``device='cuda'`` to the CPU in ``tensor/zeros/empty/ones/full``;
+* ``Tensor.type()`` without arguments reports CPU tensors as ``torch.cuda.*Tensor``.
 """
 from __future__ import annotations
 
@@ -29,6 +37,14 @@ import torch
 _APPLIED = False
 
 
+def _on_cpu(factory):
+    def make(*args, **kwargs):
+        if str(kwargs.get("device", "")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return factory(*args, **kwargs)
+    return staticmethod(make)
+
+
 class _CpuZerosTorch(types.ModuleType):
     """A stand-in for the ``torch`` module inside megatron's schedules."""
 
@@ -38,11 +54,13 @@ class _CpuZerosTorch(types.ModuleType):
     def __getattr__(self, name):
         return getattr(torch, name)
 
-    @staticmethod
-    def zeros(*args, **kwargs):
-        if str(kwargs.get("device", "")).startswith("cuda"):
-            kwargs["device"] = "cpu"
-        return torch.zeros(*args, **kwargs)
+    zeros = _on_cpu(torch.zeros)
+
+
+class _CpuFactoriesTorch(_CpuZerosTorch):
+    """The stand-in for megatron's optimizer modules: every factory they call with device='cuda'."""
+
+    tensor, empty, ones, full = (_on_cpu(f) for f in (torch.tensor, torch.empty, torch.ones, torch.full))
 
 
 def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
@@ -72,4 +90,29 @@ def apply_cpu_shim() -> bool:
         rope_utils.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
         rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
         _APPLIED = True
+    return True
+
+
+_OPTIMIZER_APPLIED = False
+
+
+def apply_cpu_optimizer_shim() -> bool:
+    """Let megatron's optimizer run on CPU (see the module docstring); returns whether it is
+    active.  Only without CUDA; implies ``apply_cpu_shim()``.  Idempotent."""
+    global _OPTIMIZER_APPLIED
+    if not apply_cpu_shim():
+        return False
+    if not _OPTIMIZER_APPLIED:
+        import megatron.core.utils as core_utils
+        from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
+        for module in (optimizer, distrib_optimizer, clip_grads, core_utils):
+            module.torch = _CpuFactoriesTorch()
+        plain_type = torch.Tensor.type
+
+        def cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
+            if dtype is None and not kwargs and not self.is_cuda:
+                return plain_type(self).replace("torch.", "torch.cuda.", 1)
+            return plain_type(self, dtype, non_blocking, **kwargs)
+        torch.Tensor.type = cuda_type_name
+        _OPTIMIZER_APPLIED = True
     return True

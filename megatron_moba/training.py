@@ -23,7 +23,8 @@ from .checkpointing import LATEST, load_checkpoint, save_checkpoint
 from .data import MicroBatches, build_datasets
 from .evaluation import build_model
 from .flops import flops_per_iteration, memory_gib, peak_tflops
-from .parallel import clip_grads, finalize_grads, initialize_distributed
+from .optimizer import build_optimizer
+from .parallel import initialize_distributed
 from .tokenizer import build_tokenizer
 
 
@@ -83,10 +84,9 @@ class Trainer:
         self.args = args
         initialize_distributed(args)
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-        self.model = build_model(args, self.tokenizer)
+        self.model = build_model(args, self.tokenizer)           # the bare GPT: what checkpoints hold
         self.config = self.model.config
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                                           eps=args.adam_eps, weight_decay=args.weight_decay)
+        self.optimizer = build_optimizer(args, self.model)        # .model: the GPT as the schedules run it
         decay_iters = args.lr_decay_iters or args.train_iters
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=args.lr_warmup_iters,
@@ -101,6 +101,8 @@ class Trainer:
             self.iteration, self.consumed = load_checkpoint(
                 args.load, self.model, None if args.no_load_optim else self.optimizer,
                 self.scheduler, finetune=args.finetune)
+            if args.finetune or args.no_load_optim:
+                self.optimizer.reload_model_params()      # fp32 main weights <- the loaded weights
             _log(f"loaded {args.load} at iteration {self.iteration}")
         train, valid, _ = build_datasets(args, self.tokenizer)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -118,7 +120,7 @@ class Trainer:
     # ---------------------------------------------------------------- one step
     def _run(self, batches, forward_only: bool):
         a = self.args
-        out = self.fb(forward_step_func=self.step_fn, data_iterator=batches, model=[self.model],
+        out = self.fb(forward_step_func=self.step_fn, data_iterator=batches, model=[self.optimizer.model],
                       num_microbatches=a.num_microbatches, seq_length=a.seq_length // a.context_parallel_size,
                       micro_batch_size=a.micro_batch_size, forward_only=forward_only)
         stats = torch.zeros(2, dtype=torch.float64)
@@ -132,24 +134,21 @@ class Trainer:
         return float(stats[0] / stats[1].clamp(min=1))
 
     def train_step(self) -> dict:
-        self.optimizer.zero_grad(set_to_none=False)
+        self.optimizer.zero_grad()
         loss = self._run(self.train_batches, forward_only=False)
-        finalize_grads(self.model)
-        norm = clip_grads(self.model, self.args.clip_grad)
-        finite = math.isfinite(loss) and math.isfinite(norm)
-        if finite:
-            self.optimizer.step()
+        stepped, norm = self.optimizer.step() if math.isfinite(loss) else (False, float("nan"))
+        if stepped:
             self.scheduler.step(increment=1)
-        return dict(loss=loss, grad_norm=norm, skipped=not finite, lr=self.optimizer.param_groups[0]["lr"])
+        return dict(loss=loss, grad_norm=norm, skipped=not stepped, lr=self.optimizer.param_groups[0]["lr"])
 
     def evaluate(self) -> float:
         a = self.args
         batches = MicroBatches(self.valid_set, a.micro_batch_size, ps.get_data_parallel_rank(),
                                ps.get_data_parallel_world_size())
-        self.model.eval()
+        self.optimizer.model.eval()
         with torch.no_grad():
             losses = [self._run(batches, forward_only=True) for _ in range(a.eval_iters)]
-        self.model.train()
+        self.optimizer.model.train()
         return sum(losses) / len(losses)
 
     # ---------------------------------------------------------------- the loop

@@ -210,6 +210,15 @@ def run_pretrain_error(argv):
         return str(e)
 
 
+def run_pretrain_value_error(argv):
+    """run_pretrain, returning the message of a ValueError instead of raising it."""
+    try:
+        run_pretrain(argv)
+        return "no error"
+    except ValueError as e:
+        return str(e)
+
+
 def hf_logits_in_megatron(hf_dir, ckpt, tokens, flags=()):
     """Logits of the imported checkpoint (--finetune load) at this run's TP, gathered over the vocabulary."""
     from megatron.core import parallel_state as ps
@@ -226,3 +235,14 @@ def hf_logits_in_megatron(hf_dir, ckpt, tokens, flags=()):
     parts = [torch.empty_like(logits) for _ in range(tp)]
     dist.all_gather(parts, logits.contiguous(), group=ps.get_tensor_model_parallel_group())
     return torch.cat(parts, dim=-1)
+
+
+def trainer_dtypes(argv):
+    """(dtypes of the model's weights, dtypes of the optimizer's main weights) after two steps."""
+    from megatron_moba.arguments import parse_args
+    from megatron_moba.training import Trainer
+    trainer = Trainer(parse_args(list(argv), world_size=dist.get_world_size()))
+    losses = trainer.train()
+    groups = trainer.optimizer.optimizer.param_groups
+    main = sorted({str(p.dtype) for g in groups for p in g["params"]})
+    return sorted({str(p.dtype) for p in trainer.model.parameters()}), main, losses

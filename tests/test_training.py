@@ -78,6 +78,8 @@ def test_resume_at_another_layout_reproduces_single_process(start_checkpoint, la
     (["--attention-dropout", "0.1"], "--attention-dropout must be 0 with --attention moba"),
     (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--tokenizer-type", "SentencePieceTokenizer"], "needs --tokenizer-model"),
+    (["--optimizer-impl", "torch", "--use-distributed-optimizer"], "--use-distributed-optimizer needs --optimizer-impl megatron"),
+    (["--optimizer-impl", "torch", "--overlap-grad-reduce"], "--overlap-grad-reduce needs --optimizer-impl megatron"),
 ])
 def test_cli_rejects_contradictions(extra, text, capsys):
     with pytest.raises(SystemExit):
@@ -141,9 +143,10 @@ def test_continued_pretraining_from_full_attention_to_longer_moba(tmp_path):
     assert losses[0] < scratch[0] - 0.2, (losses, scratch)   # starts from the trained weights
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run():
-    msg = mc.run_distributed(mc.run_pretrain_error, mc.TINY + ["--lr", "1e30", "--clip-grad", "0",
-                                                               "--max-nonfinite-steps", "2"])[0]
+@pytest.mark.parametrize("impl", ["torch", "megatron"])
+def test_nonfinite_steps_are_skipped_then_stop_the_run(impl):
+    msg = mc.run_distributed(mc.run_pretrain_error, mc.TINY + ["--lr", "1e30", "--clip-grad", "0", "--optimizer-impl",
+                                                               impl, "--max-nonfinite-steps", "2"])[0]
     assert "2 consecutive non-finite steps (--max-nonfinite-steps 2): stopping" in msg
 
 
