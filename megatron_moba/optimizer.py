@@ -124,7 +124,8 @@ class MegatronOptimizer:
     impl = "megatron"
 
     def __init__(self, args, model):
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                               finalize_model_grads)
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
         if not torch.cuda.is_available():

@@ -1,6 +1,7 @@
 """Parallelism for the training job: process groups, seeds, gradient reduction and clipping.
 
-Gradients are reduced here, explicitly, after megatron's forward/backward schedule:
+With ``--optimizer-impl torch`` gradients are reduced here, explicitly, after megatron's
+forward/backward schedule (megatron's optimizer path uses its DDP and ``finalize_model_grads``):
 * sequence-parallel norm weights: summed over the TP group (each rank saw part of the sequence);
 * tied input/output embeddings split across pipeline stages: summed over the embedding group;
 * every gradient: averaged over the data-parallel x context-parallel group.
