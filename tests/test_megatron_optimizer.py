@@ -50,7 +50,7 @@ def test_distributed_optimizer_resume_is_exact_and_reshards(tmp_path):
         assert len(losses) == 3 and all(abs(a - b) / b < 1e-5 for a, b in zip(losses, straight[3:])), losses
     close_to_straight(_run(MEGATRON + ["--load", per_shard])[0])                 # DP=2 -> DP=1
     tp2 = MEGATRON + _layout_flags(dict(tp=2))
-    msg = mc.run_distributed(mc.run_pretrain_value_error, tp2 + ["--load", per_shard], tp=2)[0]
+    msg = mc.run_distributed(mc.run_pretrain_error, tp2 + ["--load", per_shard], "ValueError", tp=2)[0]
     assert "saved at --tensor-model-parallel-size 1" in msg and "--dist-ckpt-optim-fully-reshardable" in msg
     _run(MEGATRON + ["--save", per_param, "--exit-interval", "3", "--dist-ckpt-optim-fully-reshardable"], dp=2)
     for losses in _run(tp2 + ["--load", per_param], tp=2):                    # DP=2 -> TP=2
@@ -76,6 +76,6 @@ def test_torch_path_keeps_fp32_weights_under_bf16():
 def test_optimizer_state_of_the_other_impl_is_a_clear_error(tmp_path):
     ckpt = str(tmp_path / "ckpt")
     _run(mc.TINY + ["--save", ckpt, "--exit-interval", "2"])
-    msg = mc.run_distributed(mc.run_pretrain_value_error, MEGATRON + ["--load", ckpt])[0]
+    msg = mc.run_distributed(mc.run_pretrain_error, MEGATRON + ["--load", ckpt], "ValueError")[0]
     assert "holds the optimizer state of --optimizer-impl torch" in msg and ckpt in msg
     assert len(_run(MEGATRON + ["--load", ckpt, "--no-load-optim"])[0]) == 4     # weights, schedule, data carry over
