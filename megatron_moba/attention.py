@@ -15,6 +15,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from moba_kernels import moba_attn_varlen
+from moba_kernels._cache import TensorKeyedCache
+from moba_kernels.api import batch_cu_seqlens
 
 from .config import MoBATransformerConfig
 from .context_parallel import SequenceGather
@@ -56,12 +58,17 @@ class _VarlenCoreAttention(MegatronModule):
             out = self._attend(v.q, v.k, v.v, v.cu_seqlens, v.max_seqlen, None)
         else:
             cu, max_seqlen = _global_cu_seqlens(v, self.cp_group.size())
-            gather = SequenceGather(cu.tolist(), self.cp_group, v.q.device)
+            gather = _GATHERS.get_or_build((cu,), (id(self.cp_group), v.q.device),     # once per step, all layers
+                                           lambda: SequenceGather(cu.tolist(), self.cp_group, v.q.device))
             out = self._attend(v.q, gather(v.k), gather(v.v), cu, max_seqlen, gather.local)
         return from_varlen(out, v)
 
     def _attend(self, q, k, v, cu_seqlens, max_seqlen, q_positions):
         raise NotImplementedError
+
+
+# the gather indices (and q_positions) of one cu_seqlens tensor, shared by every layer of a step
+_GATHERS = TensorKeyedCache(size=8)
 
 
 def _global_cu_seqlens(v, cp: int):
@@ -70,7 +77,7 @@ def _global_cu_seqlens(v, cp: int):
     if v.sbhd is None:
         return v.cu_seqlens, v.max_seqlen
     s, b = v.sbhd
-    return torch.arange(b + 1, dtype=torch.int32, device=v.q.device) * (s * cp), s * cp
+    return batch_cu_seqlens(b, s * cp, v.q.device), s * cp
 
 
 class MoBACoreAttention(_VarlenCoreAttention):

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from moba_kernels.api import batch_cu_seqlens
 
 
 @dataclass
@@ -39,7 +40,7 @@ def to_varlen(query, key, value, packed_seq_params=None) -> Varlen:
         return Varlen(query, key, value, cu.to(torch.int32), int(max_seqlen), None)
     s, b = query.shape[:2]
     flat = lambda x: x.transpose(0, 1).reshape(b * s, x.shape[2], x.shape[3])  # noqa: E731
-    cu = torch.arange(b + 1, dtype=torch.int32, device=query.device) * s
+    cu = batch_cu_seqlens(b, s, query.device)     # one tensor per shape: the layout is built once per step
     return Varlen(flat(query), flat(key), flat(value), cu, s, (s, b))
 
 

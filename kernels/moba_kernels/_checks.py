@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import torch
 
+from ._cache import TensorKeyedCache
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -81,9 +83,13 @@ def check_cu_seqlens(cu_seqlens, max_seqlen, device: torch.device) -> None:
         raise TypeError(f"max_seqlen must be an int, got {type(max_seqlen).__name__}")
 
 
+HOST_VALUES = TensorKeyedCache(size=16)       # cu_seqlens tensor -> its values on the host
+
+
 def cu_seqlens_values(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen=None) -> List[int]:
-    """Read ``cu_seqlens`` to the host, check its values and return them as a list."""
-    cu: List[int] = cu_seqlens.tolist()
+    """Read ``cu_seqlens`` to the host (once per tensor: see _cache.py), check its values and
+    return them as a list."""
+    cu: List[int] = HOST_VALUES.get_or_build((cu_seqlens,), (), cu_seqlens.tolist)
     if cu[0] != 0:
         raise ValueError(f"cu_seqlens must start at 0, got {cu[0]}")
     if any(b < a for a, b in zip(cu, cu[1:])):

@@ -1,6 +1,7 @@
 """Public MoBA functions: argument checks, backend choice, layout handling."""
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, Optional
 
 import torch
@@ -135,8 +136,20 @@ def moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, chunk_size, topk, softmax_
     return b.attend(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_positions)
 
 
-def _batch_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
+def batch_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
+    """int32 cu_seqlens of ``batch`` sequences of ``seqlen`` tokens: one tensor per shape (outside
+    torch.compile tracing), so that every layer's call finds the layout built by the first (see
+    _cache.py).  Do not modify it."""
+    if torch.compiler.is_compiling():
+        return _arange_cu_seqlens(batch, seqlen, device)
+    return _shared_cu_seqlens(batch, seqlen, device)
+
+
+def _arange_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
     return torch.arange(batch + 1, dtype=torch.int32, device=device) * seqlen
+
+
+_shared_cu_seqlens = functools.lru_cache(maxsize=16)(_arange_cu_seqlens)
 
 
 def moba_attn(q, k, v, chunk_size, topk, softmax_scale=None, backend=None):
@@ -147,7 +160,7 @@ def moba_attn(q, k, v, chunk_size, topk, softmax_scale=None, backend=None):
     """
     _checks.check_qkv(q, k, v, token_dims=2)
     batch, seqlen = q.shape[:2]
-    cu = _batch_cu_seqlens(batch, seqlen, q.device)
+    cu = batch_cu_seqlens(batch, seqlen, q.device)
     out = moba_attn_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, seqlen,
                            chunk_size, topk, softmax_scale, backend)
     return out.view(q.shape)
@@ -168,7 +181,7 @@ def moba_select_blocks(q, k, chunk_size, topk, cu_seqlens=None, max_seqlen=None)
             raise ValueError("cu_seqlens is only for the varlen layout; q is 4-D [batch, seqlen, H, D]")
         _checks.check_qkv(q, k, k, token_dims=2)
         batch, seqlen = q.shape[:2]
-        cu_seqlens, max_seqlen = _batch_cu_seqlens(batch, seqlen, q.device), seqlen
+        cu_seqlens, max_seqlen = batch_cu_seqlens(batch, seqlen, q.device), seqlen
         q, k = q.flatten(0, 1), k.flatten(0, 1)
     else:
         _checks.check_qkv(q, k, k, token_dims=1)

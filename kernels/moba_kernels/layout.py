@@ -12,6 +12,9 @@ from typing import List
 
 import torch
 
+from ._cache import TensorKeyedCache
+from ._checks import cu_seqlens_values
+
 
 @dataclass
 class BlockLayout:
@@ -53,3 +56,13 @@ def block_layout(cu_seqlens: List[int], chunk_size: int, device: torch.device) -
     token_block = seq_first_block[token_seq] + token_local_block
     return BlockLayout(seqlens, chunk_size, num_blocks, seq_start, seq_first_block, block_start,
                        block_len, token_seq, token_block, token_local_block)
+
+
+LAYOUTS = TensorKeyedCache(size=8)
+
+
+def layout_of(cu_seqlens: torch.Tensor, total_tokens: int, chunk_size: int) -> BlockLayout:
+    """The block layout of a ``cu_seqlens`` tensor, its values checked; built once per tensor and
+    chunk size while the tensor lives unmodified (every layer reuses it: see _cache.py)."""
+    return LAYOUTS.get_or_build((cu_seqlens,), (total_tokens, chunk_size), lambda: block_layout(
+        cu_seqlens_values(cu_seqlens, total_tokens), chunk_size, cu_seqlens.device))

@@ -9,14 +9,8 @@ import torch
 from torch import Tensor
 
 from . import torch_backend
-from ._checks import cu_seqlens_values
 from .gate import select_blocks
-from .layout import block_layout
-
-
-def _layout(cu_seqlens: Tensor, total_tokens: int, chunk_size: int):
-    # Values are checked here too: under torch.compile the public function cannot read them.
-    return block_layout(cu_seqlens_values(cu_seqlens, total_tokens), chunk_size, cu_seqlens.device)
+from .layout import layout_of as _layout    # values checked here too: compiled callers cannot read them
 
 
 @torch.library.custom_op("moba_kernels::select_blocks", mutates_args=())

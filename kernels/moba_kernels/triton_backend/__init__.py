@@ -21,8 +21,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._checks import cu_seqlens_values
-from ..layout import block_layout
+from .._cache import TensorKeyedCache
+from ..layout import layout_of
 from ..ops import register_attention_autograd
 from .tuning import INTERPRET
 
@@ -77,13 +77,21 @@ def _plan_key(q, k, cu_seqlens, chunk_size, q_tok, sel) -> tuple:
             None if q_tok is None else q_tok.data_ptr())
 
 
+TILINGS = TensorKeyedCache(size=8)
+
+
 def _tiling(q, k, cu_seqlens, chunk_size, q_tok):
-    """Block layout, tile sizes, query tiles and the query rows' tokens."""
-    from .tiles import query_tiles
-    layout = block_layout(cu_seqlens_values(cu_seqlens, k.shape[0]), chunk_size, q.device)
-    cfg = kernel_config(q.shape[-1], chunk_size)
-    tok = torch.arange(q.shape[0], device=q.device) if q_tok is None else q_tok
-    return layout, cfg, query_tiles(layout, cfg.block_m, tok), tok
+    """Block layout, tile sizes, query tiles and the query rows' tokens: built once for all
+    layers that share ``cu_seqlens`` (and ``q_positions``), see _cache.py."""
+    def build():
+        from .tiles import query_tiles
+        layout = layout_of(cu_seqlens, k.shape[0], chunk_size)
+        cfg = kernel_config(q.shape[-1], chunk_size)
+        rows = torch.arange(q.shape[0], device=q.device) if q_tok is None else None
+        return layout, cfg, query_tiles(layout, cfg.block_m, q_tok if rows is None else rows), rows
+    layout, cfg, tiles, rows = TILINGS.get_or_build(
+        (cu_seqlens, q_tok), (q.shape[0], k.shape[0], q.shape[-1], chunk_size), build)
+    return layout, cfg, tiles, rows if q_tok is None else q_tok
 
 
 def _plan(q, k, sel, cu_seqlens, chunk_size, q_tok):

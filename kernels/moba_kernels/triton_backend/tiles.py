@@ -92,9 +92,9 @@ def past_index(sel: torch.Tensor, layout: BlockLayout, q_tok: torch.Tensor, hkv:
     gblock = s64 + layout.seq_first_block[layout.token_seq[q_tok]][:, None, None]
     kvh = (torch.arange(hq, device=device) // (hq // hkv))[None, :, None]
     slot = torch.arange(topk, device=device)[None, None, :]
-    key = ((gblock * hkv + kvh) * slots + slot)[past]                                 # [P]
-    flat_row = (torch.arange(rows_n, device=device)[:, None, None] * hq
-                + torch.arange(hq, device=device)[None, :, None]).expand(-1, -1, topk)[past]
+    idx = torch.nonzero(past.reshape(-1)).squeeze(1)                                  # [P] (row, head, slot) flat
+    key = ((gblock * hkv + kvh) * slots + slot).reshape(-1)[idx]                      # [P]
+    flat_row = idx // topk                                                            # row * Hq + head
     key, order = torch.sort(key, stable=True)
     rows = flat_row[order].to(torch.int32)
 
