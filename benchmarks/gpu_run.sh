@@ -11,6 +11,8 @@
 # megatron-core: installed from .whl/ when missing (fetch it beforehand where the GPU machine is offline:
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
 #       -d .whl megatron-core==0.16.1 ).
+# The job trains with megatron's DDP + distributed optimizer and bf16 weights on CUDA (never run on a
+# GPU yet); TRAIN_EXTRA="--optimizer-impl torch" falls back to torch AdamW under autocast.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-benchmarks/results}
@@ -38,7 +40,7 @@ for stage in "${stages[@]}"; do
         1m) bench --kv-heads 4 --chunk-size 4096 --topk 12 --seqlens 1048576 --modes fwd \
                 --impls sdpa_flash,torch,triton --reps 2 --out "$OUT/bench_attention_${gpu}_bf16_c4096k12_1m.json" ;;
         train) "$PY" -c "import megatron.core" 2>/dev/null || "$PY" -m pip install -q --no-deps .whl/megatron_core-*.whl
-               "$PY" tools/bench_training.py --out "$OUT/bench_training_${gpu}_bf16_32k.json" ;;
+               "$PY" tools/bench_training.py --extra="${TRAIN_EXTRA:-}" --out "$OUT/bench_training_${gpu}_bf16_32k.json" ;;
         *) echo "unknown stage $stage (test, 32k, 128k, 64k, 1m, train)" >&2; exit 2 ;;
     esac
 done
