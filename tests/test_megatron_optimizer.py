@@ -79,3 +79,16 @@ def test_optimizer_state_of_the_other_impl_is_a_clear_error(tmp_path):
     msg = mc.run_distributed(mc.run_pretrain_error, MEGATRON + ["--load", ckpt], "ValueError")[0]
     assert "holds the optimizer state of --optimizer-impl torch" in msg and ckpt in msg
     assert len(_run(MEGATRON + ["--load", ckpt, "--no-load-optim"])[0]) == 4     # weights, schedule, data carry over
+
+
+def test_optimizer_defaults_follow_cuda(monkeypatch):
+    import torch
+
+    from megatron_moba.arguments import parse_args
+    cpu = parse_args(mc.TINY, world_size=1)
+    assert (cpu.optimizer_impl, cpu.use_distributed_optimizer, cpu.overlap_grad_reduce) == ("torch", False, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    gpu = parse_args(mc.TINY, world_size=1)
+    assert (gpu.optimizer_impl, gpu.use_distributed_optimizer, gpu.overlap_grad_reduce) == ("megatron", True, True)
+    plain = parse_args(mc.TINY + ["--no-use-distributed-optimizer", "--no-overlap-grad-reduce"], world_size=1)
+    assert (plain.use_distributed_optimizer, plain.overlap_grad_reduce) == (False, False)
