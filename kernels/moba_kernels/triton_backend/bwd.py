@@ -157,10 +157,12 @@ def _own_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T_ROW, T_TOK, T_LEN, T_BSTART,
 @tune(key=("D", "CHUNK", "BLOCK_M", "IEEE"), restore=("DQ",))
 @triton.jit
 def _past_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, ROWS, TILE_PAIR, TILE_LEN, TILE_GROUP, BLOCK_START,
-                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, qk_scale, scale, HQ, HKV, tile_base,
+                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, qk_scale, scale, HQ, HKV, SLOT_RANGE, slot,
                     CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                     IEEE: tl.constexpr):
-    tile = tile_base + tl.program_id(0)
+    tile = tl.load(SLOT_RANGE + 2 * slot) + tl.program_id(0)
+    if tile >= tl.load(SLOT_RANGE + 2 * slot + 1):                                # the grid is a bound
+        return
     first, n, grp = tl.load(TILE_PAIR + tile), tl.load(TILE_LEN + tile), tl.load(TILE_GROUP + tile)
     blk, g = grp // HKV, grp % HKV
     m = tl.arange(0, BLOCK_M)
@@ -207,12 +209,9 @@ def moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale:
             q, k, v, dout, lse, delta, dq, tiles.row, tiles.token, tiles.length, tiles.block_start, *qkv,
             qk_scale, softmax_scale, hq, GROUP=hq // hkv, BLOCK_M=cfg.block_m, D=dim, IEEE=ieee,
             **launch_kwargs(cfg))
-    base = 0
-    for count in past.slot_tiles:
-        if count:
-            _past_dq_kernel[(count,)](
-                q, k, v, dout, lse, delta, dq, past.rows, past.tile_pair, past.tile_len, past.tile_group,
-                block_start, *qkv, qk_scale, softmax_scale, hq, hkv, base, CHUNK=layout.chunk_size,
-                BLOCK_M=cfg.pair_m, D=dim, IEEE=ieee, **launch_kwargs(cfg))
-        base += count
+    for slot in range(past.slots):
+        _past_dq_kernel[(past.grid,)](
+            q, k, v, dout, lse, delta, dq, past.rows, past.tile_pair, past.tile_len, past.tile_group,
+            block_start, *qkv, qk_scale, softmax_scale, hq, hkv, past.slot_range, slot, CHUNK=layout.chunk_size,
+            BLOCK_M=cfg.pair_m, D=dim, IEEE=ieee, **launch_kwargs(cfg))
     return dq.view(total, hq, dim).to(q.dtype), dk, dv

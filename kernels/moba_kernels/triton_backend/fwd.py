@@ -86,10 +86,12 @@ def _own_fwd_kernel(Q, K, V, ACC, LSE, T_ROW, T_TOK, T_LEN, T_BSTART,
 @tune(key=("D", "CHUNK", "BLOCK_M", "IEEE"), restore=("ACC", "LSE"))
 @triton.jit
 def _past_fwd_kernel(Q, K, V, ACC, LSE, ROWS, TILE_PAIR, TILE_LEN, TILE_GROUP, BLOCK_START,
-                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, qk_scale, HQ, HKV, tile_base,
+                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, qk_scale, HQ, HKV, SLOT_RANGE, slot,
                      CHUNK: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr,
                      IEEE: tl.constexpr):
-    tile = tile_base + tl.program_id(0)
+    tile = tl.load(SLOT_RANGE + 2 * slot) + tl.program_id(0)
+    if tile >= tl.load(SLOT_RANGE + 2 * slot + 1):                                # the grid is a bound
+        return
     first, n, grp = tl.load(TILE_PAIR + tile), tl.load(TILE_LEN + tile), tl.load(TILE_GROUP + tile)
     blk, g = grp // HKV, grp % HKV
     m = tl.arange(0, BLOCK_M)
@@ -129,12 +131,9 @@ def moba_fwd_triton(q, k, v, layout, tiles, past, softmax_scale: float, cfg):
             q, k, v, acc, lse, tiles.row, tiles.token, tiles.length, tiles.block_start, *strides, qk_scale, hq,
             GROUP=hq // hkv, BLOCK_M=cfg.block_m, D=dim, IEEE=ieee, **launch_kwargs(cfg))
     block_start = layout.block_start.to(torch.int32)
-    base = 0
-    for count in past.slot_tiles:
-        if count:
-            _past_fwd_kernel[(count,)](
-                q, k, v, acc, lse, past.rows, past.tile_pair, past.tile_len, past.tile_group, block_start,
-                *strides, qk_scale, hq, hkv, base, CHUNK=layout.chunk_size, BLOCK_M=cfg.pair_m,
-                D=dim, IEEE=ieee, **launch_kwargs(cfg))
-        base += count
+    for slot in range(past.slots):
+        _past_fwd_kernel[(past.grid,)](
+            q, k, v, acc, lse, past.rows, past.tile_pair, past.tile_len, past.tile_group, block_start,
+            *strides, qk_scale, hq, hkv, past.slot_range, slot, CHUNK=layout.chunk_size, BLOCK_M=cfg.pair_m,
+            D=dim, IEEE=ieee, **launch_kwargs(cfg))
     return acc.view(total, hq, dim).to(q.dtype), lse.view(total, hq)

@@ -19,8 +19,6 @@ Memory: O(tokens x heads x topk) integers, never O(tokens x blocks).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List
-
 import torch
 
 from ..layout import BlockLayout
@@ -71,20 +69,25 @@ def block_rows(layout: BlockLayout, q_tok: torch.Tensor, block_n: int):
 
 @dataclass
 class PastIndex:
-    rows: torch.Tensor          # [P] int32 flat query row (token * Hq + head) of each sorted pair
+    rows: torch.Tensor          # [>= P] int32 flat query row (token * Hq + head) of each sorted pair
     group_start: torch.Tensor   # [NB * Hkv + 1] int32 run of pairs per (key block, kv head)
-    tile_pair: torch.Tensor     # [n] int32 first pair of each tile (tiles ordered by slot)
-    tile_len: torch.Tensor      # [n] int32 pairs in the tile (<= block_m)
-    tile_group: torch.Tensor    # [n] int32 (key block * Hkv + kv head) of the tile
-    slot_tiles: List[int]       # tiles of each slot (host): slot r owns a contiguous range
+    tile_pair: torch.Tensor     # [capacity] int32 first pair of each tile (tiles ordered by slot)
+    tile_len: torch.Tensor      # [capacity] int32 pairs in the tile (<= block_m)
+    tile_group: torch.Tensor    # [capacity] int32 (key block * Hkv + kv head) of the tile
+    slot_range: torch.Tensor    # [slots, 2] int32 the tiles [start, end) of each slot
+    slots: int                  # launches: one per slot, 0 when topk == 1
+    grid: int                   # programs per launch: a bound on any slot's tiles (the rest exit)
 
 
 def past_index(sel: torch.Tensor, layout: BlockLayout, q_tok: torch.Tensor, hkv: int, block_m: int) -> PastIndex:
-    """sel: [Tq, Hq, topk] from the gate (local block ids, own block included, -1 padding)."""
+    """sel: [Tq, Hq, topk] from the gate (local block ids, own block included, -1 padding).
+    Built without reading anything back to the host: the tile counts stay on the device, and
+    each slot's launch covers ``grid`` programs, those past the slot's last tile exiting at once."""
     rows_n, hq, topk = sel.shape
     device = sel.device
     slots = max(topk - 1, 1)
     ngroups = layout.num_blocks * hkv
+    nsub = ngroups * slots
     s64 = sel.long()
     own = layout.token_local_block[q_tok][:, None, None]
     past = (s64 >= 0) & (s64 != own)                                                  # [Tq, Hq, topk]
@@ -92,30 +95,28 @@ def past_index(sel: torch.Tensor, layout: BlockLayout, q_tok: torch.Tensor, hkv:
     gblock = s64 + layout.seq_first_block[layout.token_seq[q_tok]][:, None, None]
     kvh = (torch.arange(hq, device=device) // (hq // hkv))[None, :, None]
     slot = torch.arange(topk, device=device)[None, None, :]
-    idx = torch.nonzero(past.reshape(-1)).squeeze(1)                                  # [P] (row, head, slot) flat
-    key = ((gblock * hkv + kvh) * slots + slot).reshape(-1)[idx]                      # [P]
-    flat_row = idx // topk                                                            # row * Hq + head
+    key = torch.where(past, (gblock * hkv + kvh) * slots + slot, nsub).reshape(-1)    # others sort last
     key, order = torch.sort(key, stable=True)
-    rows = flat_row[order].to(torch.int32)
+    rows = (order // topk).to(torch.int32)                                            # row * Hq + head
 
-    group = key // slots
-    counts = torch.bincount(group, minlength=ngroups)
+    sub_counts = torch.bincount(key, minlength=nsub + 1)[:nsub]                       # per (group, slot)
     group_start = torch.zeros(ngroups + 1, dtype=torch.int64, device=device)
-    group_start[1:] = torch.cumsum(counts, 0)
-
-    sub_counts = torch.bincount(key, minlength=ngroups * slots)                      # per (group, slot)
+    group_start[1:] = torch.cumsum(sub_counts.view(ngroups, slots).sum(1), 0)
     sub_start = torch.cumsum(sub_counts, 0) - sub_counts
     ntiles = (sub_counts + block_m - 1) // block_m
     # tiles ordered by slot, then by group: slot-major view of the (group, slot) grid
     ntiles_sm = ntiles.view(ngroups, slots).t().reshape(-1)
     sub_start_sm = sub_start.view(ngroups, slots).t().reshape(-1)
     sub_counts_sm = sub_counts.view(ngroups, slots).t().reshape(-1)
-    per_slot = ntiles_sm.view(slots, ngroups).sum(1).tolist()
-    total = int(sum(per_slot))
-    sub = torch.repeat_interleave(torch.arange(ngroups * slots, device=device), ntiles_sm, output_size=total)
-    local = torch.arange(total, device=device) - (torch.cumsum(ntiles_sm, 0) - ntiles_sm)[sub]
-    first = sub_start_sm[sub] + local * block_m
+    ends = torch.cumsum(ntiles_sm, 0)                                                 # inclusive
+    slot_end = ends.view(slots, ngroups)[:, -1] if ngroups else ends.new_zeros(slots)
+    slot_range = torch.stack([slot_end - ntiles_sm.view(slots, ngroups).sum(1), slot_end], 1)
+    grid = -(-rows_n * hq // block_m) + ngroups          # a slot has <= Tq*Hq pairs, one partial tile per group
+    t = torch.arange(slots * grid, device=device)
+    sub = torch.searchsorted(ends, t, right=True).clamp(max=max(nsub - 1, 0))         # tiles past the end: unused
+    local = t - (ends - ntiles_sm)[sub] if nsub else t
+    first = sub_start_sm[sub] + local * block_m if nsub else t
+    length = torch.clamp(sub_counts_sm[sub] - local * block_m, max=block_m) if nsub else t
     i32 = lambda x: x.to(torch.int32).contiguous()                                   # noqa: E731
-    return PastIndex(rows, i32(group_start), i32(first),
-                     i32(torch.clamp(sub_counts_sm[sub] - local * block_m, max=block_m)),
-                     i32(sub % ngroups), per_slot)
+    return PastIndex(rows, i32(group_start), i32(first), i32(length), i32(sub % ngroups if nsub else t),
+                     i32(slot_range), slots if topk > 1 and ngroups else 0, grid)
