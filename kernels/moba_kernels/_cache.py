@@ -54,6 +54,3 @@ class TensorKeyedCache:
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return value
-
-    def clear(self) -> None:
-        self.entries.clear()

@@ -19,6 +19,7 @@ Memory: O(tokens x heads x topk) integers, never O(tokens x blocks).
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 
 from ..layout import BlockLayout
@@ -88,6 +89,10 @@ def past_index(sel: torch.Tensor, layout: BlockLayout, q_tok: torch.Tensor, hkv:
     slots = max(topk - 1, 1)
     ngroups = layout.num_blocks * hkv
     nsub = ngroups * slots
+    if nsub == 0:                                    # no key blocks (no tokens): nothing to launch
+        none = torch.zeros(0, dtype=torch.int32, device=device)
+        return PastIndex(none, torch.zeros(1, dtype=torch.int32, device=device), none, none, none,
+                         torch.zeros(slots, 2, dtype=torch.int32, device=device), 0, 0)
     s64 = sel.long()
     own = layout.token_local_block[q_tok][:, None, None]
     past = (s64 >= 0) & (s64 != own)                                                  # [Tq, Hq, topk]
@@ -109,14 +114,14 @@ def past_index(sel: torch.Tensor, layout: BlockLayout, q_tok: torch.Tensor, hkv:
     sub_start_sm = sub_start.view(ngroups, slots).t().reshape(-1)
     sub_counts_sm = sub_counts.view(ngroups, slots).t().reshape(-1)
     ends = torch.cumsum(ntiles_sm, 0)                                                 # inclusive
-    slot_end = ends.view(slots, ngroups)[:, -1] if ngroups else ends.new_zeros(slots)
+    slot_end = ends.view(slots, ngroups)[:, -1]
     slot_range = torch.stack([slot_end - ntiles_sm.view(slots, ngroups).sum(1), slot_end], 1)
     grid = -(-rows_n * hq // block_m) + ngroups          # a slot has <= Tq*Hq pairs, one partial tile per group
     t = torch.arange(slots * grid, device=device)
-    sub = torch.searchsorted(ends, t, right=True).clamp(max=max(nsub - 1, 0))         # tiles past the end: unused
-    local = t - (ends - ntiles_sm)[sub] if nsub else t
-    first = sub_start_sm[sub] + local * block_m if nsub else t
-    length = torch.clamp(sub_counts_sm[sub] - local * block_m, max=block_m) if nsub else t
+    sub = torch.searchsorted(ends, t, right=True).clamp(max=nsub - 1)                # tiles past the end: unused
+    local = t - (ends - ntiles_sm)[sub]
+    first = sub_start_sm[sub] + local * block_m
+    length = torch.clamp(sub_counts_sm[sub] - local * block_m, max=block_m)
     i32 = lambda x: x.to(torch.int32).contiguous()                                   # noqa: E731
-    return PastIndex(rows, i32(group_start), i32(first), i32(length), i32(sub % ngroups if nsub else t),
-                     i32(slot_range), slots if topk > 1 and ngroups else 0, grid)
+    return PastIndex(rows, i32(group_start), i32(first), i32(length), i32(sub % ngroups),
+                     i32(slot_range), slots if topk > 1 else 0, grid)
