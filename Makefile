@@ -1,19 +1,35 @@
 # megatron-moba: `make help` lists the targets. Every target creates/reuses .venv itself.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# The tested versions (setup.py itself declares ranges); `make install CONSTRAINTS=` drops them.
+CONSTRAINTS ?= constraints.txt
 PYTEST_ARGS ?=
+# make test-fast: the op (reference/torch/triton backends, gate, argument checks, layout cache), the
+# megatron layer in one process (MoBA vs full attention, hybrid layers, packed THD), config and flag
+# checks, and the packaging; no multi-process parallelism, training, tool or launch-script tests.
+MEGATRON_ONE_PROCESS := $(addprefix tests/test_megatron_gpt.py::test_,moba_covering_all_blocks_equals_full_attention_gpt \
+    hybrid_layers_really_run_full_attention packed_thd_equals_documents_one_by_one bad_config_names_the_flag \
+    seq_length_must_divide_by_twice_cp context_parallel_rejects_sequences_it_cannot_split \
+    spec_choice_without_transformer_engine)
+FAST_TESTS := tests/test_reference.py tests/test_torch_backend.py tests/test_triton_backend.py tests/test_errors.py \
+    tests/test_host_cache.py tests/test_packaging.py $(MEGATRON_ONE_PROCESS) \
+    tests/test_training.py::test_cli_rejects_contradictions tests/test_launch.py::test_single_node_command_parses_with_the_trainer \
+    $(addprefix tests/test_job_ux.py::test_,help_parses_before_importing_torch_or_megatron \
+      new_flags_reject_contradictions_naming_the_flag new_flags_resolve_like_megatron_lm)
+# (test_triton_backend.py's megatron GPT under context parallelism spawns 2 processes: full tier only)
+FAST_DESELECT := not under_context_parallel
 
-.PHONY: help install demo demo-op test bench lint docker clean
+.PHONY: help install demo demo-op test test-fast test-mcore-latest bench lint docker clean
 
 help:  ## this list
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
-$(STAMP): setup.py pyproject.toml
+$(STAMP): setup.py pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
 	touch $@
 
 install: $(STAMP)  ## create .venv and install the project (editable) with test tools
@@ -27,17 +43,30 @@ demo-op: $(STAMP)  ## a tour of the MoBA attention op
 test: $(STAMP)  ## run the test suite (fails if no test runs)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+test-fast: $(STAMP)  ## quick tier: kernels, gate, one-process megatron layers, argument checks (~3 min)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS) -m 'not slow' -k '$(FAST_DESELECT)' $(FAST_TESTS)
+
+# make test-mcore-latest: the tests that run megatron-core (models, schedules, DDP/optimizer,
+# dist_checkpointing, datasets) against the newest supported release, 0.19.x, in .venv-mcore-latest
+# (built/reused by .ci/mcore_latest_venv.sh: the cp312 wheel's Python code, helpers_cpp rebuilt for 3.11).
+MCORE_TESTS := tests/test_compat.py tests/test_megatron_gpt.py tests/test_megatron_optimizer.py tests/test_training.py \
+    tests/test_hf_convert.py tests/test_positional_loss.py tests/test_needle.py tests/test_block_selection.py \
+    tests/test_preprocess.py
+test-mcore-latest:  ## the megatron tests against megatron-core 0.19.x (own venv: .venv-mcore-latest)
+	PYTHON=$(PYTHON) bash .ci/mcore_latest_venv.sh
+	.venv-mcore-latest/bin/python -m pytest -q $(PYTEST_ARGS) $(MCORE_TESTS)
+
 bench: $(STAMP)  ## attention benchmark on this machine (table + JSON in benchmarks/results/)
 	$(BIN)/python tools/bench_attention.py --out benchmarks/results/bench_attention_$$(uname -n | tr -c 'a-zA-Z0-9\n' _).json
 
 lint: $(STAMP)  ## bash -n and shellcheck on the launch scripts, byte-compile the Python
-	for f in examples/*.sh examples/slurm/*.sbatch benchmarks/*.sh .ci/run; do bash -n "$$f" || exit 1; done
-	shellcheck -x examples/*.sh examples/slurm/*.sbatch benchmarks/*.sh .ci/run
+	for f in examples/*.sh examples/slurm/*.sbatch benchmarks/*.sh .ci/run .ci/*.sh; do bash -n "$$f" || exit 1; done
+	shellcheck -x examples/*.sh examples/slurm/*.sbatch benchmarks/*.sh .ci/run .ci/*.sh
 	$(BIN)/python -m compileall -q kernels megatron_moba tools examples tests
 
 docker:  ## build the image on NVIDIA's PyTorch container (needs a Docker engine)
 	docker build -f docker/Dockerfile -t megatron-moba:latest .
 
-clean:  ## remove .venv and caches
-	rm -rf $(VENV) build *.egg-info kernels/*.egg-info .pytest_cache runs
+clean:  ## remove .venv, .venv-mcore-latest and caches
+	rm -rf $(VENV) .venv-mcore-latest build *.egg-info kernels/*.egg-info .pytest_cache runs
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -12,7 +12,8 @@ from megatron_moba.arguments import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh")) + glob.glob(os.path.join(ROOT, "examples", "slurm", "*.sbatch"))
-                 + glob.glob(os.path.join(ROOT, "benchmarks", "*.sh")) + [os.path.join(ROOT, ".ci", "run")])
+                 + glob.glob(os.path.join(ROOT, "benchmarks", "*.sh")) + glob.glob(os.path.join(ROOT, ".ci", "*.sh"))
+                 + [os.path.join(ROOT, ".ci", "run")])
 
 
 def _dry(script, env=None, path_prefix=None):
@@ -101,11 +102,14 @@ def test_tiny_cpu_script_runs_the_demo():
     assert words == ["python3", "examples/demo_pretrain.py", "--out", "runs/demo", "--train-iters", "200"]
 
 
-def test_dockerfile_pins_match_setup_py():
+def test_dockerfile_pins_match_constraints():
     docker = open(os.path.join(ROOT, "docker", "Dockerfile")).read()
-    setup = open(os.path.join(ROOT, "setup.py")).read()
+    constraints = open(os.path.join(ROOT, "constraints.txt")).read()
     assert re.search(r"^FROM nvcr\.io/nvidia/pytorch:\d\d\.\d\d-py3$", docker, re.M)
-    pins = dict(re.findall(r'"([a-z-]+)==([\d.]+)"', setup))
-    for name, version in re.findall(r"([a-z-]+)==([\d.]+)", docker):
-        assert pins.get(name) == version, f"docker pins {name}=={version}, setup.py {pins.get(name)}"
+    pins = dict(re.findall(r"^([A-Za-z0-9_.-]+)==([\w.+]+)$", constraints, re.M))
+    docker_pins = re.findall(r"([a-z-]+)==([\d.]+)", docker)
+    assert {"megatron-core", "sentencepiece", "datasets"} <= {name for name, _ in docker_pins}
+    for name, version in docker_pins:
+        assert pins.get(name) == version, f"docker pins {name}=={version}, constraints.txt {pins.get(name)}"
     assert "--no-deps" in docker                       # keeps the container's own torch
+    assert not re.search(r"^\s*(torch|triton)\b|[\s-](torch|triton)[=<>]", docker, re.M)   # never installs them

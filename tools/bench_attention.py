@@ -17,7 +17,9 @@ Each (implementation, sequence length, mode) runs in a fresh subprocess, so its 
 is its own: CUDA's peak allocated bytes on GPU, the CPU allocator's peak (from the profiler's
 allocation records) on CPU.  Times are the
 median of --reps runs after one warm-up.  Prints a table and writes JSON with the device,
-the versions and every figure; speedups are against SDPA dense causal from the same run.
+the versions and every figure; speedups are against SDPA dense causal from the same run.  The
+JSON is rewritten after every measurement (``"complete": false`` until the last), so a run cut
+short keeps what it measured; ``--measure-timeout`` bounds one measurement.
 """
 from __future__ import annotations
 
@@ -30,9 +32,8 @@ import subprocess
 import sys
 import time
 
-import torch
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# torch is imported inside the functions that use it: `--help` answers without it
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}      # --dtype -> torch dtype name
 
 
 def parse_args(argv=None):
@@ -55,7 +56,9 @@ def parse_args(argv=None):
                    help="skip the O(S^2)-memory reference backend above this length")
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("--out", default=None, help="JSON file to write")
+    p.add_argument("--out", default=None, help="JSON file to write (rewritten after every measurement)")
+    p.add_argument("--measure-timeout", type=float, default=None,
+                   help="seconds one measurement (one subprocess) may take; past it the row records an error")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
@@ -66,6 +69,8 @@ def parse_args(argv=None):
 
 def attended_pairs(q, k, chunk, topk):
     """(query, key) pairs MoBA really computes, summed over batch and heads."""
+    import torch
+
     from moba_kernels import moba_select_blocks
     sel = moba_select_blocks(q, k, chunk, topk).long()                 # [B, S, H, topk]
     seqlen = q.shape[1]
@@ -94,6 +99,7 @@ def _flex_moba(q, k, v, chunk, topk, block=128):
     The BlockMask is built from the selection directly (no dense [S, S] mask, so 128K fits):
     a (128-query, 128-key) tile is listed when any query of the tile selected the key's chunk,
     and mask_mod makes it exact per token."""
+    import torch
     from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
     from moba_kernels import moba_select_blocks
@@ -139,10 +145,11 @@ def cpu_peak_bytes(fn) -> int:
 
 
 def run_worker(cfg: dict) -> dict:
+    import torch
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     dev = torch.device(cfg["device"])
-    dtype = DTYPES[cfg["dtype"]]
+    dtype = getattr(torch, DTYPES[cfg["dtype"]])
     b, s, h, hkv, d = cfg["batch"], cfg["seqlen"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
     backward = cfg["mode"] == "fwdbwd"
 
@@ -211,15 +218,19 @@ def run_worker(cfg: dict) -> dict:
                 first_call_s=first_call)
 
 
-def measure(cfg: dict) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)],
-                          capture_output=True, text=True)
+def measure(cfg: dict, timeout: float = None) -> dict:
+    try:
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(error=f"timeout: more than {timeout:g} s")
     if proc.returncode != 0:
         return dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def environment(device: str) -> dict:
+    import torch
     env = dict(torch=torch.__version__, python=platform.python_version(), device=device,
                host=platform.node(), cpu=platform.processor() or platform.machine(),
                threads=torch.get_num_threads())
@@ -234,26 +245,9 @@ def environment(device: str) -> dict:
     return env
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
-        return
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    seqlens = [int(x) for x in args.seqlens.split(",")]
-    impls = args.impls.split(",")
-    rows = []
-    for s in seqlens:
-        for mode in args.modes.split(","):
-            for impl in impls:
-                if impl == "reference" and s > args.reference_max_seqlen:
-                    continue
-                cfg = dict(impl=impl, mode=mode, seqlen=s, batch=args.batch, heads=args.heads,
-                           kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
-                           chunk_size=args.chunk_size, topk=args.topk, device=device, reps=args.reps,
-                           threads=args.threads)
-                rows.append({**cfg, **measure(cfg)})
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+def add_ratios(rows: list) -> list:
+    """Speedups and memory ratios against the SDPA baseline and the reference rows of the same run
+    (in place; idempotent, so partial writes can call it after every measurement)."""
     for r in rows:   # ratios against the SDPA baseline of the same run, shape and mode
         same = [x for x in rows if x["seqlen"] == r["seqlen"] and x["mode"] == r["mode"] and "ms" in x]
         base = next((x for name in ("sdpa_flash", "sdpa") for x in same if x["impl"] == name), None)
@@ -267,6 +261,43 @@ def main(argv=None):
                     and x["mode"] == r["mode"] and "ms" in x), None)
         if ref and "ms" in r and ref["peak_mem_mib"] > 0:
             r["mem_vs_reference"] = r["peak_mem_mib"] / ref["peak_mem_mib"]
+    return rows
+
+
+def write_json(path: str, result: dict) -> None:
+    """Write through a temporary file and a rename: a kill mid-write never leaves half a file."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        print(json.dumps(run_worker(json.loads(args.worker))))
+        return
+    import torch
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    seqlens = [int(x) for x in args.seqlens.split(",")]
+    impls = args.impls.split(",")
+    rows = []
+    env, run_args = environment(device), {k: v for k, v in vars(args).items() if k != "worker"}
+    for s in seqlens:
+        for mode in args.modes.split(","):
+            for impl in impls:
+                if impl == "reference" and s > args.reference_max_seqlen:
+                    continue
+                cfg = dict(impl=impl, mode=mode, seqlen=s, batch=args.batch, heads=args.heads,
+                           kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
+                           chunk_size=args.chunk_size, topk=args.topk, device=device, reps=args.reps,
+                           threads=args.threads)
+                rows.append({**cfg, **measure(cfg, args.measure_timeout)})
+                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+                if args.out:     # a run cut short (a stage's timeout) keeps what it measured so far
+                    write_json(args.out, dict(environment=env, args=run_args, rows=add_ratios(rows), complete=False))
+    add_ratios(rows)
 
     header = f"{'seqlen':>7} {'mode':>7} {'impl':>10} {'ms':>10} {'TFLOP/s':>8} {'vs sdpa':>8} {'peak MiB':>9} {'mem/ref':>8}"
     print(header)
@@ -278,12 +309,8 @@ def main(argv=None):
         fmt = lambda key, spec: format(r[key], spec) if r.get(key) is not None else "-"  # noqa: E731
         print(f"{r['seqlen']:>7} {r['mode']:>7} {r['impl']:>10} {r['ms']:>10.1f} {r['tflops']:>8.3f} "
               f"{fmt('speedup_vs_sdpa', '>7.2f'):>8} {r['peak_mem_mib']:>9.1f} {fmt('mem_vs_reference', '>7.3f'):>8}")
-    result = dict(environment=environment(device), args={k: v for k, v in vars(args).items() if k != "worker"},
-                  rows=rows)
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, dict(environment=env, args=run_args, rows=rows, complete=True))
         print(f"wrote {args.out}")
 
 

@@ -52,11 +52,19 @@ def _triton_unsupported(q, chunk_size, q_positions):
     return triton_backend.unsupported(q, chunk_size, q_positions)
 
 
+def _missing_triton(err: ImportError) -> bool:
+    """Whether ``err`` says that the ``triton`` package itself is not installed."""
+    name = getattr(err, "name", None) or ""
+    return isinstance(err, ModuleNotFoundError) and (name == "triton" or name.startswith("triton."))
+
+
 def _triton_available(device: torch.device) -> bool:
     try:
         from . import triton_backend
-    except ImportError:              # no triton installed
-        return False
+    except ImportError as err:
+        if _missing_triton(err):     # no triton installed: the backend is unavailable
+            return False
+        raise                        # a broken install or a bug in triton_backend: say so
     return triton_backend.available(device)
 
 
