@@ -33,6 +33,14 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _dot_acc(a, b, acc, IEEE: tl.constexpr):
+    """acc + a @ b with acc as the dot's own accumulator (no temporary [M, N] tile)."""
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def _load_queries(Q, DO, LSE, DELTA, t, h, live, sq_t, sq_h, sdo_t, sdo_h, HQ, D: tl.constexpr):
     """q, dO [BM, D], lse (log2 units) and delta [BM] of query rows (token t, head h)."""
     d = tl.arange(0, D)
@@ -52,10 +60,10 @@ def _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, 
     (and, with ATOMIC_DQ, their dQ into DQ rows ``flat``)."""
     s = _dot(q, tl.trans(k), IEEE) * qk_scale                                      # [BM, BN]
     p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
-    dv += _dot(tl.trans(p.to(do.dtype)), do, IEEE)
+    dv = _dot_acc(tl.trans(p.to(do.dtype)), do, dv, IEEE)
     dp = _dot(do, tl.trans(v), IEEE)
     ds = p * (dp - delta[:, None])
-    dk += _dot(tl.trans(ds.to(q.dtype)), q, IEEE)
+    dk = _dot_acc(tl.trans(ds.to(q.dtype)), q, dk, IEEE)
     if ATOMIC_DQ:
         d = tl.arange(0, D)
         tl.atomic_add(DQ + flat.to(tl.int64)[:, None] * D + d[None, :], _dot(ds.to(k.dtype), k, IEEE) * scale,
@@ -63,7 +71,7 @@ def _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, 
     return dk, dv
 
 
-@tune(key=("D", "GROUP", "BLOCK_M", "BLOCK_N", "ATOMIC_DQ", "IEEE"), restore=("DQ",), block_n=False)
+@tune(key=("D", "GROUP", "BLOCK_M", "BLOCK_N", "ATOMIC_DQ", "IEEE"), restore=("DQ",), block_n=False, kind="dkdv")
 @triton.jit
 def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, ROWS, GROUP_START, BLOCK_START, BLOCK_LEN, QTOK,
                  KT_FIRST, BLK_END, kt_per_block,
@@ -83,30 +91,29 @@ def _dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, ROWS, GROUP_START, BLOCK_S
         v = tl.load(V + kcol[:, None] * sv_t + g * sv_h + d[None, :], mask=kin[:, None], other=0.0)
         dk = tl.zeros([BLOCK_N, D], tl.float32)
         dv = tl.zeros([BLOCK_N, D], tl.float32)
-        # (1) own block: query rows at or after the first key of this tile, causal on their tokens
+        # One loop, one copy of the body (two loops made ptxas spill): steps [0, GROUP * n_own) walk
+        # (1) the own block's query rows at or after the first key of this tile, causal on their
+        # tokens, head by head; the rest walk (2) the earlier-block selections of this (block, kv
+        # head), all slots (the reverse index).
         r_first, r_end = tl.load(KT_FIRST + blk * kt_per_block + j), tl.load(BLK_END + blk)
-        for hh in range(GROUP):
-            h = g * GROUP + hh
-            for r0 in range(r_first, r_end, BLOCK_M):
-                rows = r0 + m
-                live = rows < r_end
-                tok = tl.load(QTOK + rows, mask=live, other=0)
-                heads = tl.zeros([BLOCK_M], tl.int32) + h
-                q, do, lse2, delta = _load_queries(Q, DO, LSE, DELTA, rows, heads, live, sq_t, sq_h, sdo_t, sdo_h,
-                                                   HQ, D)
-                flat = rows * HQ + h
-                visible = live[:, None] & kin[None, :] & (kcol[None, :] <= tok[:, None])
-                dk, dv = _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, flat, live,
-                                            scale, D, ATOMIC_DQ, IEEE)
-        # (2) earlier-block selections of this (block, kv head), all slots
+        n_own = tl.cdiv(r_end - r_first, BLOCK_M)                                   # steps per query head
         p0, p1 = tl.load(GROUP_START + grp), tl.load(GROUP_START + grp + 1)
-        for r0 in range(p0, p1, BLOCK_M):
-            live = r0 + m < p1
-            flat = tl.load(ROWS + r0 + m, mask=live, other=0)
-            q, do, lse2, delta = _load_queries(Q, DO, LSE, DELTA, flat // HQ, flat % HQ, live, sq_t, sq_h, sdo_t,
-                                               sdo_h, HQ, D)
-            dk, dv = _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, live[:, None] & kin[None, :],
-                                        qk_scale, DQ, flat, live, scale, D, ATOMIC_DQ, IEEE)
+        for i in range(0, GROUP * n_own + tl.cdiv(p1 - p0, BLOCK_M)):
+            own = i < GROUP * n_own
+            per = tl.maximum(n_own, 1)
+            orow = r_first + (i % per) * BLOCK_M + m
+            olive = (orow < r_end) & own
+            prow = p0 + (i - GROUP * n_own) * BLOCK_M + m
+            plive = (prow < p1) & (i >= GROUP * n_own)
+            pflat = tl.load(ROWS + prow, mask=plive, other=0)
+            tok = tl.load(QTOK + orow, mask=olive, other=0)
+            rows = tl.where(olive, orow, pflat // HQ)
+            heads = tl.where(olive, g * GROUP + i // per, pflat % HQ)
+            live = olive | plive
+            q, do, lse2, delta = _load_queries(Q, DO, LSE, DELTA, rows, heads, live, sq_t, sq_h, sdo_t, sdo_h, HQ, D)
+            visible = live[:, None] & kin[None, :] & ((kcol[None, :] <= tok[:, None]) | (i >= GROUP * n_own))
+            dk, dv = _dkdv_from_queries(q, do, lse2, delta, k, v, dk, dv, visible, qk_scale, DQ, rows * HQ + heads,
+                                        live, scale, D, ATOMIC_DQ, IEEE)
         tl.store(DK + kcol[:, None] * sdk_t + g * sdk_h + d[None, :], (dk * scale).to(DK.dtype.element_ty),
                  mask=kin[:, None])
         tl.store(DV + kcol[:, None] * sdv_t + g * sdv_h + d[None, :], dv.to(DV.dtype.element_ty),
@@ -128,11 +135,11 @@ def _dq_over_keys(q, do, lse2, delta, dq, K, V, k_lo, k_hi, rows, g, sk_t, sk_h,
         s = _dot(q, tl.trans(k), IEEE) * qk_scale
         p = tl.where(visible, tl.exp2(s - lse2[:, None]), 0.0)
         ds = p * (_dot(do, tl.trans(v), IEEE) - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        dq = _dot_acc(ds.to(k.dtype), k, dq, IEEE)
     return dq
 
 
-@tune(key=("D", "BLOCK_M", "GROUP", "IEEE"))
+@tune(key=("D", "BLOCK_M", "GROUP", "IEEE"), kind="dq")
 @triton.jit
 def _own_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T_ROW, T_TOK, T_LEN, T_BSTART,
                    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, qk_scale, scale, HQ,
@@ -154,7 +161,7 @@ def _own_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, T_ROW, T_TOK, T_LEN, T_BSTART,
     tl.store(DQ + flat[:, None] * D + d[None, :], dq * scale, mask=live[:, None])
 
 
-@tune(key=("D", "CHUNK", "BLOCK_M", "IEEE"), restore=("DQ",))
+@tune(key=("D", "CHUNK", "BLOCK_M", "IEEE"), restore=("DQ",), kind="dq")
 @triton.jit
 def _past_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, ROWS, TILE_PAIR, TILE_LEN, TILE_GROUP, BLOCK_START,
                     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sdo_t, sdo_h, qk_scale, scale, HQ, HKV, SLOT_RANGE, slot,
@@ -196,22 +203,22 @@ def moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale:
            dout.stride(0), dout.stride(1))
     block_start = layout.block_start.to(torch.int32)
     if layout.num_blocks:
-        kt_first, blk_end = block_rows(layout, q_tok, cfg.block_n)
+        kt_first, blk_end = block_rows(layout, q_tok, cfg.dkdv_n)
         _dkdv_kernel[(layout.num_blocks * hkv, kt_first.shape[1])](
             q, k, v, dout, lse, delta, dk, dv, dq, past.rows, past.group_start, block_start,
             layout.block_len.to(torch.int32), q_tok.to(torch.int32), kt_first, blk_end, kt_first.shape[1], *qkv, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
-            qk_scale, softmax_scale, hq, hkv, GROUP=hq // hkv, BLOCK_M=cfg.pair_m, D=dim, ATOMIC_DQ=atomic,
-            IEEE=ieee, **launch_kwargs(cfg, block_n=False))
+            qk_scale, softmax_scale, hq, hkv, GROUP=hq // hkv, BLOCK_M=cfg.dkdv_m, D=dim, ATOMIC_DQ=atomic,
+            IEEE=ieee, **launch_kwargs(cfg, block_n=False, dkdv=True))
     if atomic:
         return dq.view(total, hq, dim).to(q.dtype), dk, dv
     if tiles.count:
         _own_dq_kernel[(tiles.count, hq)](
             q, k, v, dout, lse, delta, dq, tiles.row, tiles.token, tiles.length, tiles.block_start, *qkv,
             qk_scale, softmax_scale, hq, GROUP=hq // hkv, BLOCK_M=cfg.block_m, D=dim, IEEE=ieee,
-            **launch_kwargs(cfg))
+            **launch_kwargs(cfg, dq=True))
     for slot in range(past.slots):
         _past_dq_kernel[(past.grid,)](
             q, k, v, dout, lse, delta, dq, past.rows, past.tile_pair, past.tile_len, past.tile_group,
             block_start, *qkv, qk_scale, softmax_scale, hq, hkv, past.slot_range, slot, CHUNK=layout.chunk_size,
-            BLOCK_M=cfg.pair_m, D=dim, IEEE=ieee, **launch_kwargs(cfg))
+            BLOCK_M=cfg.pair_m, D=dim, IEEE=ieee, **launch_kwargs(cfg, dq=True))
     return dq.view(total, hq, dim).to(q.dtype), dk, dv

@@ -50,10 +50,11 @@ def _attend_tile(q, K, V, m_i, l_i, acc, k_lo, k_hi, rows, g, sk_t, sk_h, sv_t, 
         p = tl.exp2(s - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if IEEE:
-            acc = acc * alpha[:, None] + tl.dot(p, v.to(tl.float32), input_precision="ieee")
+        acc = acc * alpha[:, None]                 # rescaled first, then the accumulator of the dot
+        if IEEE:                                   # (no temporary [BM, D] tile)
+            acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_new
     return m_i, l_i, acc
 

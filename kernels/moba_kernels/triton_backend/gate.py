@@ -1,11 +1,14 @@
 """Fused MoBA gate: block means of the keys, then block scores and the running top-(k-1) in one
 pass per query tile.
 
-For a tile of ``BLOCK_M`` queries (one own block ``c``, see tiles.py) and one query head, the
-kernel walks the earlier blocks ``0..c-1`` of the sequence ``BLOCK_N`` at a time, scores them
-against the mean-pooled keys (fp32, IEEE) and merges each score tile into a running top-(k-1)
-kept in registers.  The ``[tokens, heads, blocks]`` score tensor never exists: memory is
-O(tokens x heads x topk).  Semantics are those of ``moba_kernels.gate.select_blocks``.
+For ``BLOCK_M`` (16) rows of a query tile (one own block ``c``, see tiles.py; a tile of up to
+64 rows gets one program per 16 rows) and one query head, the kernel walks the earlier blocks
+``0..c-1`` of the sequence ``BLOCK_N`` at a time, scores them against the mean-pooled keys
+(fp32, IEEE) and merges each score tile into a running top-(k-1) kept in registers.  The
+``[tokens, heads, blocks]`` score tensor never exists: memory is O(tokens x heads x topk).
+Semantics are those of ``moba_kernels.gate.select_blocks``.  16 rows keep the fp32 query tile,
+the score tile and the top-(k-1) in registers without spills for head dims up to 256 and topk up
+to 17 (tools/triton_aot_report.py; 64-row programs spilled up to 20 KB at D=128).
 """
 from __future__ import annotations
 
@@ -47,10 +50,12 @@ def _gate_topk_kernel(Q, KM, OUT, T_ROW, T_LEN, T_OWN, T_FIRST,
                       sq_t, sq_h, skm_b, skm_h, so_t, so_h,
                       GROUP: tl.constexpr, K1: tl.constexpr, KP: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    tile, h = tl.program_id(0), tl.program_id(1)
+    tile, h, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     start, n = tl.load(T_ROW + tile), tl.load(T_LEN + tile)
+    if part * BLOCK_M >= n:                                                      # a short tile
+        return
     own, first = tl.load(T_OWN + tile), tl.load(T_FIRST + tile)
-    m = tl.arange(0, BLOCK_M)
+    m = part * BLOCK_M + tl.arange(0, BLOCK_M)
     d = tl.arange(0, D)
     rows = (start + m).to(tl.int64)                    # int64 offsets: T * Hq * D may pass 2^31
     q = tl.load(Q + rows[:, None] * sq_t + h * sq_h + d[None, :], mask=(m < n)[:, None], other=0.0)
@@ -79,6 +84,16 @@ def _gate_topk_kernel(Q, KM, OUT, T_ROW, T_LEN, T_OWN, T_FIRST,
     tl.store(OUT + rows[:, None] * so_t + h * so_h + slot, top_i, mask=(m < n)[:, None] & (slot < K1))
 
 
+GATE_ROWS = 16
+
+
+def gate_meta(dim: int, topk: int, block_m: int) -> dict:
+    """Meta-parameters of a ``_gate_topk_kernel`` launch (also compiled by aot.py)."""
+    k1 = max(topk - 1, 1)
+    return dict(K1=k1, KP=triton.next_power_of_2(k1), BLOCK_M=min(GATE_ROWS, block_m), BLOCK_N=32,
+                num_warps=4, num_stages=2)
+
+
 def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int,
                          tiles: QueryTiles, block_m: int, q_tok: torch.Tensor) -> torch.Tensor:
     """Same contract as ``gate.select_blocks``: int32 ``[Tq, Hq, topk]``, ascending, own block
@@ -90,11 +105,11 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, 
     kmean = block_mean_keys_triton(k, layout)                                       # [NB, Hkv, D] fp32
     past = torch.empty(total, hq, topk - 1, dtype=torch.int32, device=q.device)
     if tiles.count:
-        _gate_topk_kernel[(tiles.count, hq)](
+        meta = gate_meta(dim, topk, block_m)
+        _gate_topk_kernel[(tiles.count, hq, triton.cdiv(block_m, meta["BLOCK_M"]))](
             q, kmean, past, tiles.row, tiles.length, tiles.own, tiles.first_block,
             q.stride(0), q.stride(1), kmean.stride(0), kmean.stride(1), past.stride(0), past.stride(1),
-            GROUP=hq // k.shape[1], K1=topk - 1, KP=triton.next_power_of_2(topk - 1),
-            BLOCK_M=block_m, BLOCK_N=32, D=dim)
+            GROUP=hq // k.shape[1], D=dim, **meta)
     sel = torch.cat([past, own], dim=-1)
     # ascending with the -1 padding at the end (the own block is the largest valid id)
     big = torch.iinfo(torch.int32).max
