@@ -8,7 +8,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from megatron.core.transformer.transformer_config import TransformerConfig
+from .compat import megatron_core_version
+
+megatron_core_version()     # an unsupported megatron-core fails here, naming the supported releases
+
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 ATTENTION_CHOICES = ("moba", "full")
 
