@@ -13,6 +13,7 @@
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -28,7 +29,7 @@ def train(name, data, tok, out, args, extra):
            "--seq-length", "512", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
            "--moba-chunk-size", "64", "--moba-topk", "3", "--moba-full-attn-layers", "1",
            "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", str(args.train_iters),
-           "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", str(max(1, args.train_iters // 10)), "--clip-grad", "1.0", "--seed", "1",
+           "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", str(min(max(1, args.train_iters // 10), args.train_iters - 1)), "--clip-grad", "1.0", "--seed", "1",
            "--data-path", data, "--split", "95,5,0", "--data-cache-path", os.path.join(out, "cache"),
            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok,
            "--log-interval", "10", "--eval-interval", str(args.train_iters // 2), "--eval-iters", "4",
@@ -36,9 +37,10 @@ def train(name, data, tok, out, args, extra):
     metrics = os.path.join(out, f"metrics_{name}.jsonl")
     if os.path.exists(metrics):
         os.remove(metrics)
+    # each demo run starts afresh: the job refuses a --save directory holding another run's checkpoints
+    shutil.rmtree(os.path.join(out, f"ckpt_{name}"), ignore_errors=True)
     print(f"\n== training {name} ==", flush=True)
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    subprocess.run(cmd + extra, check=True, env=env)
+    subprocess.run(cmd + extra, check=True)     # the job quiets megatron's notices that do not apply
     return [json.loads(line) for line in open(metrics)]
 
 

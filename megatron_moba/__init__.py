@@ -5,11 +5,22 @@ package adapts it to Megatron's layouts, layer specs, parallelism and training::
 
     from megatron_moba import MoBATransformerConfig, build_moba_gpt, get_moba_decoder_block_spec
 """
-import moba_kernels
+from importlib import import_module
 
-from .config import MoBATransformerConfig
-from .model import build_moba_gpt
-from .specs import get_moba_decoder_block_spec, get_moba_layer_specs
-
-__version__ = moba_kernels.__version__
+# Exports load on first use (PEP 562): importing a light submodule (the job's arguments, for
+# `--help`) does not import torch and megatron-core.
+_EXPORTS = {"MoBATransformerConfig": ".config", "build_moba_gpt": ".model",
+            "get_moba_decoder_block_spec": ".specs", "get_moba_layer_specs": ".specs"}
 __all__ = ["MoBATransformerConfig", "build_moba_gpt", "get_moba_decoder_block_spec", "get_moba_layer_specs"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name], __name__), name)
+    if name == "__version__":
+        return import_module("moba_kernels").__version__
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_EXPORTS) + ["__version__"])

@@ -8,8 +8,7 @@ import argparse
 import os
 from typing import TYPE_CHECKING, List, Optional
 
-import torch
-
+# no torch/megatron imports at module level: `--help` answers before any heavy import
 if TYPE_CHECKING:
     from .config import MoBATransformerConfig
 
@@ -59,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup as a fraction of --lr-decay-iters (instead of --lr-warmup-iters)")
     g.add_argument("--lr-decay-style", choices=["cosine", "linear", "constant"], default="cosine")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--weight-decay", type=float, default=0.01)
@@ -69,6 +70,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true",
                    help="bf16 training: with --optimizer-impl megatron bf16 weights and fp32 main weights in the "
                         "optimizer (Megatron-LM's); with torch, autocast(bf16) over fp32 weights (no effect on CPU)")
+    g.add_argument("--fp16", action="store_true",
+                   help="fp16 weights, fp32 main weights in the optimizer and loss scaling (dynamic unless "
+                        "--loss-scale), as Megatron-LM; needs --optimizer-impl megatron")
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="static loss scale for --fp16 (default: dynamic loss scaling)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 32,
+                   help="first loss scale of dynamic loss scaling (--fp16)")
+    g.add_argument("--min-loss-scale", type=float, default=1.0, help="floor of dynamic loss scaling (--fp16)")
+    g.add_argument("--loss-scale-window", type=int, default=1000,
+                   help="steps without overflow before dynamic loss scaling doubles the scale (--fp16)")
+    g.add_argument("--hysteresis", type=int, default=2,
+                   help="overflows tolerated before dynamic loss scaling halves the scale (--fp16)")
     g.add_argument("--optimizer-impl", choices=["megatron", "torch"], default=None,
                    help="megatron: megatron-core DDP + optimizer; torch: torch AdamW over fp32 weights "
                         "(default: megatron with CUDA, torch without)")
@@ -81,8 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--exit-interval", type=int, default=None,
                    help="stop (saving a checkpoint if --save) once the iteration is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="stop (saving a checkpoint if --save) once the run has lasted this many minutes")
     g.add_argument("--max-nonfinite-steps", type=int, default=10,
                    help="stop after this many consecutive steps with a non-finite loss or gradient")
+
+    g = p.add_argument_group("activation recomputation")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: recompute whole transformer layers in the backward; selective: recompute only "
+                        "the core attention (MoBA or full)")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with --recompute-granularity full: uniform divides the layers into groups of "
+                        "--recompute-num-layers and checkpoints each group's input; block recomputes the first "
+                        "--recompute-num-layers layers of each pipeline stage (default: uniform)")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="layers per recomputed group (uniform) or recomputed per stage (block); default 1")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -105,17 +131,42 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true",
                    help="load weights only: iteration, optimizer, scheduler and data position start afresh")
     g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="load this iteration of --load instead of the one named by latest_checkpointed_iteration.txt")
+    sched = g.add_mutually_exclusive_group()
+    sched.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                       dest="override_opt_param_scheduler", action="store_true",
+                       help="on resume, take the LR/WD schedule (--lr, --min-lr, --lr-warmup-iters, --lr-decay-iters, "
+                            "--lr-decay-style, --weight-decay) from the command line instead of the checkpoint")
+    sched.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                       dest="use_checkpoint_opt_param_scheduler", action="store_true",
+                       help="on resume, take the LR/WD schedule from the checkpoint (the default; for Megatron-LM "
+                            "command lines)")
     g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
                    help="save the distributed optimizer's state per parameter, loadable at any TP/PP/DP "
                         "(default: per data-parallel shard, loadable at another DP size only; faster)")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--logging-level", type=_logging_level, default=None,
+                   help="Python logging level, a number or a name (DEBUG, INFO, WARNING, ...); "
+                        "default: INFO on rank 0, WARNING on the other ranks")
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-file", default=None, help="JSON lines, one per logged iteration")
     return p
+
+
+def _logging_level(text: str) -> int:
+    import logging
+    if text.lstrip("-").isdigit():
+        return int(text)
+    level = logging.getLevelName(text.upper())
+    if not isinstance(level, int):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a logging level (a number, or DEBUG, INFO, WARNING, "
+                                         "ERROR, CRITICAL)")
+    return level
 
 
 def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
@@ -162,13 +213,17 @@ def validate_args(args, world_size: int) -> None:
         raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
     if bool(args.data_path) == bool(args.mock_data):
         raise ValueError("give exactly one of --data-path and --mock-data")
+    _check_split_and_intervals(args)
     if args.tokenizer_type == "NullTokenizer" and not args.vocab_size:
         raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size")
     if args.tokenizer_type != "NullTokenizer" and not args.tokenizer_model:
         raise ValueError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
-    if args.lr_warmup_iters >= args.train_iters and args.train_iters > 1:
-        raise ValueError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than --train-iters "
-                         f"({args.train_iters})")
+    _check_job_flags(args)
+    decay_iters = args.lr_decay_iters or args.train_iters       # megatron's scheduler: warmup < decay steps
+    if args.lr_warmup_iters >= decay_iters:
+        raise ValueError(f"--lr-warmup-iters ({args.lr_warmup_iters}) must be smaller than "
+                         + (f"--lr-decay-iters ({args.lr_decay_iters})" if args.lr_decay_iters
+                            else f"--train-iters ({args.train_iters})"))
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr ({args.min_lr}) exceeds --lr ({args.lr})")
     if args.finetune and not args.load:
@@ -182,11 +237,80 @@ def validate_args(args, world_size: int) -> None:
         raise ValueError("--document-attention with --context-parallel-size > 1 is not supported yet")
 
 
+def _check_job_flags(args) -> None:
+    """Warmup fraction, exit duration, fp16 and activation recomputation flags."""
+    if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters:
+            raise ValueError("--lr-warmup-fraction and --lr-warmup-iters are mutually exclusive: give one of them")
+        if not 0.0 <= args.lr_warmup_fraction < 1.0:
+            raise ValueError(f"--lr-warmup-fraction must be in [0, 1), got {args.lr_warmup_fraction}")
+        args.lr_warmup_iters = int(args.lr_warmup_fraction * (args.lr_decay_iters or args.train_iters))
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        raise ValueError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
+    if args.fp16 and args.bf16:
+        raise ValueError("--fp16 and --bf16 are mutually exclusive: give one of them")
+    if args.loss_scale is not None and not args.fp16:
+        raise ValueError("--loss-scale needs --fp16")
+    if args.loss_scale is not None and args.loss_scale <= 0:
+        raise ValueError(f"--loss-scale must be > 0, got {args.loss_scale}")
+    method, n = args.recompute_method, args.recompute_num_layers
+    extra = "--recompute-method" if method is not None else "--recompute-num-layers"
+    if args.recompute_granularity is None and (method is not None or n is not None):
+        raise ValueError(f"{extra} needs --recompute-granularity full")
+    if args.recompute_granularity == "selective" and (method is not None or n is not None):
+        raise ValueError(f"{extra} applies to --recompute-granularity full only (selective recomputes the core "
+                         "attention of every layer)")
+    if args.recompute_granularity == "full":
+        args.recompute_method = method or "uniform"
+        args.recompute_num_layers = n = 1 if n is None else n
+        per_stage = args.num_layers // max(1, args.pipeline_model_parallel_size)
+        if not 1 <= n <= per_stage:
+            raise ValueError(f"--recompute-num-layers ({n}) must be between 1 and the layers per pipeline stage "
+                             f"({per_stage})")
+
+
+def _check_split_and_intervals(args) -> None:
+    """--split, --log-interval, --eval-interval and --eval-iters, which otherwise fail only once
+    training runs (a division by zero, or no validation data at the first evaluation).
+    Evaluation is on exactly when --eval-interval is given; it then needs --eval-iters >= 1 and
+    validation weight in --split."""
+    import re
+    if not re.fullmatch(r"\s*[0-9.]+(\s*[,/]\s*[0-9.]+){0,2}\s*", args.split):
+        raise ValueError(f"--split {args.split!r} must be up to three non-negative train,valid,test weights, "
+                         f"e.g. 969,30,1")
+    try:
+        weights = [float(w) for w in re.split(r"\s*[,/]\s*", args.split.strip())] + [0.0, 0.0]
+    except ValueError:
+        raise ValueError(f"--split {args.split!r} must be up to three non-negative train,valid,test weights, "
+                         f"e.g. 969,30,1") from None
+    if weights[0] <= 0:
+        raise ValueError(f"--split {args.split} gives the training split no weight")
+    if args.log_interval < 1:
+        raise ValueError(f"--log-interval must be >= 1, got {args.log_interval}")
+    if args.eval_iters < 0:
+        raise ValueError(f"--eval-iters must be >= 0, got {args.eval_iters}")
+    if args.eval_interval is not None:
+        if args.eval_interval < 1:
+            raise ValueError(f"--eval-interval must be >= 1, got {args.eval_interval} (leave --eval-interval out "
+                             f"to train without evaluation)")
+        if args.eval_iters == 0:
+            raise ValueError(f"--eval-interval {args.eval_interval} evaluates on --eval-iters 0 batches: give "
+                             f"--eval-iters >= 1, or leave --eval-interval out to train without evaluation")
+        if weights[1] <= 0:
+            raise ValueError(f"--eval-interval {args.eval_interval} evaluates on the validation split, but --split "
+                             f"{args.split} gives it no weight: give it weight (e.g. --split 98,2,0) or leave "
+                             f"--eval-interval out to train without evaluation")
+
+
 def _resolve_optimizer(args) -> None:
     """Defaults of the optimizer flags from CUDA availability; megatron-only flags checked."""
+    import torch
     cuda = torch.cuda.is_available()
     if args.optimizer_impl is None:
-        args.optimizer_impl = "megatron" if cuda else "torch"
+        args.optimizer_impl = "megatron" if cuda or getattr(args, "fp16", False) else "torch"
+    if getattr(args, "fp16", False) and args.optimizer_impl == "torch":
+        raise ValueError("--fp16 needs --optimizer-impl megatron (fp16 weights, fp32 main weights and loss "
+                         "scaling); with --optimizer-impl torch use --bf16")
     for flag in ("use_distributed_optimizer", "overlap_grad_reduce"):
         if args.optimizer_impl == "torch" and getattr(args, flag):
             raise ValueError(f"--{flag.replace('_', '-')} needs --optimizer-impl megatron")
@@ -201,6 +325,7 @@ def _resolve_optimizer(args) -> None:
 
 def config_from_args(args) -> "MoBATransformerConfig":
     """The ``MoBATransformerConfig`` these flags describe (MoBA flags checked there)."""
+    import torch
     import torch.nn.functional as F
 
     from .config import MoBATransformerConfig
@@ -208,7 +333,8 @@ def config_from_args(args) -> "MoBATransformerConfig":
     # With torch AdamW (no master copy of bf16 weights) weights stay fp32 and megatron's schedules run
     # each micro-batch under torch.autocast(bf16).
     bf16_weights = args.bf16 and getattr(args, "optimizer_impl", "torch") == "megatron"
-    dtype = torch.bfloat16 if bf16_weights else torch.float32
+    fp16 = bool(getattr(args, "fp16", False))        # megatron's optimizer only (checked in _resolve_optimizer)
+    dtype = torch.bfloat16 if bf16_weights else torch.float16 if fp16 else torch.float32
     return MoBATransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
@@ -219,7 +345,10 @@ def config_from_args(args) -> "MoBATransformerConfig":
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         context_parallel_size=args.context_parallel_size, sequence_parallel=args.sequence_parallel,
-        params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16_weights,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=bf16_weights, fp16=fp16,
+        recompute_granularity=getattr(args, "recompute_granularity", None),
+        recompute_method=getattr(args, "recompute_method", None),
+        recompute_num_layers=getattr(args, "recompute_num_layers", None),
         enable_autocast=args.bf16 and not bf16_weights, autocast_dtype=torch.bfloat16 if args.bf16 else torch.float32,
         use_cpu_initialization=not torch.cuda.is_available(),
         attention=args.attention, moba_chunk_size=args.moba_chunk_size, moba_topk=args.moba_topk,

@@ -8,12 +8,19 @@ Layout under ``--save``::
 A save writes ``iter_XXXXXXX.tmp`` first, renames it when every rank has finished, and only
 then replaces the ``latest`` file (atomically): a crash in the middle of a save leaves the
 previous checkpoint and ``latest`` as they were.  The same directory loads at any TP/PP.
+
+A run never writes over checkpoints it did not resume (``check_save_dir``): ``--save`` must be
+empty, or resumed with ``--load`` (``latest`` present, or ``--ckpt-step``).  A checkpoint that
+fails to load names its damaged files.  Entries in ``CARRIED`` (the HF config of an import)
+pass from a loaded checkpoint into every checkpoint saved after it.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,20 +28,106 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
 LATEST = "latest_checkpointed_iteration.txt"
+# carried from the loaded checkpoint into every checkpoint a run saves (--load, --finetune included)
+CARRIED = ("hf_config",)
+_ITER_DIR = re.compile(r"^iter_(\d{7})$")
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def saved_iterations(root: str) -> List[int]:
+    """The iterations of the complete checkpoints (``iter_XXXXXXX``, not ``.tmp``) in ``root``."""
+    if not os.path.isdir(root):
+        return []
+    return sorted(int(m.group(1)) for name in os.listdir(root)
+                  if (m := _ITER_DIR.match(name)) and os.path.isdir(os.path.join(root, name)))
+
+
+def _resume_hint(root: str, iteration: int) -> str:
+    return (f"to resume from {checkpoint_dir(root, iteration)}, write the tracker "
+            f"(echo {iteration} > {os.path.join(root, LATEST)}) or add --ckpt-step {iteration}")
+
+
 def read_latest(root: str) -> int:
     path = os.path.join(root, LATEST)
     if not os.path.isfile(path):
+        found = saved_iterations(root)
+        if found:
+            raise FileNotFoundError(f"no checkpoint to load: {path} does not exist (--load {root}), but {root} "
+                                    f"holds checkpoints (newest {checkpoint_dir(root, found[-1])}): "
+                                    + _resume_hint(root, found[-1]))
         raise FileNotFoundError(f"no checkpoint to load: {path} does not exist (--load {root})")
     text = open(path).read().strip()
     if not text.isdigit():
         raise ValueError(f"{path} is corrupted: expected an iteration number, found {text[:40]!r}")
     return int(text)
+
+
+def check_save_dir(save: Optional[str], load: Optional[str] = None, finetune: bool = False,
+                   ckpt_step: Optional[int] = None) -> bool:
+    """Refuse a run that would overwrite the checkpoints in ``save`` (``--save``) without resuming
+    them.  Returns True for a (re)queued job's first start: ``--load`` = ``--save``, nothing saved
+    yet (train from scratch)."""
+    if not save:
+        return False
+    same = bool(load) and os.path.abspath(load) == os.path.abspath(save)
+    found = saved_iterations(save)
+    has_latest = os.path.isfile(os.path.join(save, LATEST))
+    if not found:
+        return same and not has_latest
+    newest = checkpoint_dir(save, found[-1])
+    if same and not finetune:
+        if not has_latest and ckpt_step is None:
+            raise FileNotFoundError(
+                f"--load/--save {save}: {os.path.join(save, LATEST)} is missing, but {save} holds checkpoints "
+                f"(newest {newest}); refusing to start from scratch over them: {_resume_hint(save, found[-1])}; "
+                "or --save to an empty directory to start a new run")
+        return False                               # a resume: it continues these checkpoints
+    if same and finetune:
+        if found[-1] == 0:                         # e.g. an HF import: the run saves iterations >= 1 next to it
+            return False
+        raise FileExistsError(
+            f"--load {load} --finetune restarts at iteration 0 and would overwrite the checkpoints in --save {save} "
+            f"(newest {newest}): to resume that run drop --finetune; to fine-tune from it, --save to an empty "
+            "directory")
+    if load:
+        raise FileExistsError(
+            f"--save {save} already holds checkpoints (newest {newest}) of another run than --load {load}: "
+            f"saving there would overwrite them; --save to an empty directory (or resume {save} with "
+            f"--load {save}" + (" without --finetune)" if finetune else ")"))
+    raise FileExistsError(
+        f"--save {save} already holds checkpoints (newest {newest}) and no --load was given: this run would start "
+        f"from scratch and overwrite them; resume them with --load {save}, or --save to an empty directory")
+
+
+def drop_metrics_after(path: Optional[str], iteration: int) -> int:
+    """Rewrite the JSON-lines metrics file ``path`` (atomically) without the records of iterations
+    after ``iteration`` (written by a run that crashed after its last checkpoint) or a torn last line.
+    Returns how many lines were dropped."""
+    if not path or not os.path.isfile(path):
+        return 0
+    kept, dropped = [], 0
+    with open(path) as f:
+        for line in f:
+            try:
+                it = json.loads(line).get("iteration")
+            except (ValueError, AttributeError):
+                dropped += 1                       # a line torn by the crash
+                continue
+            if isinstance(it, (int, float)) and it > iteration:
+                dropped += 1
+            else:
+                kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
 
 
 def _rng_object(rank: int, world: int, state=None) -> ShardedObject:
@@ -97,18 +190,127 @@ def _check_optimizer_layout(path: str, common: dict) -> None:
                              "--no-load-optim; save with --dist-ckpt-optim-fully-reshardable to change TP/PP")
 
 
+def _damaged_files(path: str) -> List[str]:
+    """The files of checkpoint ``path`` that are missing, or shorter than its ``.metadata`` records."""
+    from torch.distributed.checkpoint import FileSystemReader
+    try:
+        meta = FileSystemReader(path).read_metadata()
+    except BaseException as e:          # noqa: B036 (torch's CheckpointException is a BaseException)
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        return [f"{os.path.join(path, '.metadata')} (unreadable: {type(e).__name__}: {e})"]
+    need = {}
+    for info in (getattr(meta, "storage_data", None) or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    bad = []
+    for rel, size in sorted(need.items()):
+        f = os.path.join(path, rel)
+        if not os.path.isfile(f):
+            bad.append(f"{f} (missing)")
+        elif os.path.getsize(f) < size:
+            bad.append(f"{f} (truncated: {os.path.getsize(f)} bytes, the metadata records at least {size})")
+    return bad
+
+
+def _failure_summary(e: BaseException) -> str:
+    failures = getattr(e, "failures", None)
+    if not failures:
+        return f"{type(e).__name__}: {e}"
+    parts = []
+    for rank, failure in sorted(failures.items()):
+        exc = failure[0] if isinstance(failure, tuple) else failure
+        parts.append(f"rank {rank}: {type(exc).__name__}: {exc}")
+    return "; ".join(parts)
+
+
+def _load_error(root: str, path: str, e: BaseException) -> RuntimeError:
+    damaged = _damaged_files(path)
+    iteration = int(os.path.basename(path)[len("iter_"):])
+    earlier = [i for i in saved_iterations(root) if i < iteration]
+    msg = f"could not load checkpoint {path} (--load {root}): "
+    msg += ("damaged files: " + ", ".join(damaged) + f" ({_failure_summary(e)})") if damaged else _failure_summary(e)
+    if earlier:
+        msg += f"; an earlier checkpoint loads with --ckpt-step {earlier[-1]} (saved: {earlier})"
+    return RuntimeError(msg)
+
+
+# scheduler state -> (flag, value from the command line's args)
+_SCHEDULE_FLAGS = {
+    "max_lr": ("--lr", lambda a: a.lr),
+    "min_lr": ("--min-lr", lambda a: a.min_lr),
+    "lr_warmup_steps": ("--lr-warmup-iters", lambda a: a.lr_warmup_iters),
+    "lr_decay_steps": ("--lr-decay-iters", lambda a: a.lr_decay_iters or a.train_iters),
+    "lr_decay_style": ("--lr-decay-style", lambda a: a.lr_decay_style),
+    "start_wd": ("--weight-decay", lambda a: a.weight_decay),
+}
+
+
+def _schedule_differences(saved: dict, args) -> List[tuple]:
+    out = []
+    for key, (flag, now) in _SCHEDULE_FLAGS.items():
+        if key in saved and saved[key] != now(args):
+            if key == "lr_decay_steps" and not args.lr_decay_iters:
+                flag = "--lr-decay-iters (default: --train-iters)"
+            out.append((flag, saved[key], now(args)))
+    return out
+
+
+def _report_overrides(path: str, common: dict, args, optimizer, rng_restored: bool) -> None:
+    """Print which command-line flags this resume does not follow (rank 0)."""
+    if dist.get_rank() != 0:
+        return
+    override = getattr(args, "override_opt_param_scheduler", False)
+    lines = [f"  {flag}: checkpoint {old}, command line {new}"
+             for flag, old, new in _schedule_differences(common.get("scheduler") or {}, args)]
+    if lines:
+        if override:
+            print(f"note: --override-opt_param-scheduler: the LR/WD schedule follows the command line, not {path}:\n"
+                  + "\n".join(lines), flush=True)
+        else:
+            print(f"note: resuming from {path}: the checkpoint's LR/WD schedule is used, not the command line's "
+                  "(pass --override-opt_param-scheduler to use the command line's):\n" + "\n".join(l + " (ignored)"
+                                                                                         for l in lines), flush=True)
+    saved_args = common.get("args") or {}
+    ignored = []
+    if optimizer is not None:      # torch/megatron optimizers restore betas and eps with their state
+        group = optimizer.param_groups[0] if optimizer.param_groups else {}
+        betas = group.get("betas")
+        for i, flag in ((0, "--adam-beta1"), (1, "--adam-beta2")):
+            now = getattr(args, flag[2:].replace("-", "_"), None)
+            if betas is not None and now is not None and betas[i] != now:
+                ignored.append(f"  {flag}: checkpoint {betas[i]}, command line {now} (ignored)")
+        if group.get("eps") is not None and getattr(args, "adam_eps", None) not in (None, group["eps"]):
+            ignored.append(f"  --adam-eps: checkpoint {group['eps']}, command line {args.adam_eps} (ignored)")
+    if rng_restored and saved_args.get("seed") is not None and getattr(args, "seed", None) not in (
+            None, saved_args["seed"]):
+        ignored.append(f"  --seed: checkpoint {saved_args['seed']}, command line {args.seed} (the random state "
+                       "continues from the checkpoint)")
+    if ignored:
+        print(f"note: resuming from {path}, which overrides:\n" + "\n".join(ignored), flush=True)
+
+
 def load_checkpoint(root: str, model, optimizer=None, scheduler=None, finetune: bool = False,
-                    iteration: Optional[int] = None):
+                    iteration: Optional[int] = None, args=None, carry: Optional[dict] = None):
     """Load into ``model`` (and optimizer, scheduler, RNG unless ``finetune``/None).
-    Returns (iteration, consumed_samples); (0, 0) for ``finetune``."""
+    Returns (iteration, consumed_samples); (0, 0) for ``finetune``.  With ``args`` (the job's
+    flags) a resume prints the flags the checkpoint overrides; ``carry`` (a dict) receives the
+    checkpoint's entries that every descendant checkpoint keeps (``CARRIED``)."""
+    from torch.distributed.checkpoint import CheckpointException
+    named_by = os.path.join(root, LATEST) if iteration is None else f"--ckpt-step {iteration}"
     iteration = read_latest(root) if iteration is None else iteration
     path = checkpoint_dir(root, iteration)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path} is missing (named by {os.path.join(root, LATEST)})")
+        raise FileNotFoundError(f"checkpoint {path} is missing (named by {named_by}); {root} holds the "
+                                f"iterations {saved_iterations(root)}")
     rank, world = dist.get_rank(), dist.get_world_size()
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
-    common = dist_checkpointing.load_common_state_dict(path)
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except (Exception, CheckpointException) as e:
+        raise _load_error(root, path, e) from e
+    if carry is not None:
+        carry.update({k: common[k] for k in CARRIED if common.get(k) is not None})
     if not finetune:
         if "scheduler" not in common:
             raise ValueError(f"{path} holds weights only (no optimizer or scheduler): load it with --finetune")
@@ -128,13 +330,16 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, finetune: 
                   "RNG states start afresh", flush=True)
     try:
         loaded = dist_checkpointing.load(request, path)
-    except Exception as e:
-        raise RuntimeError(f"could not load checkpoint {path}: {e}") from e
+    except (Exception, CheckpointException) as e:      # CheckpointException derives from BaseException
+        raise _load_error(root, path, e) from e
     model.load_state_dict(loaded["model"])
     if finetune:
         return 0, 0
     if optimizer is not None and "optimizer" in loaded:
         optimizer.load_state_dict(loaded["optimizer"])
+    if args is not None:
+        _report_overrides(path, common, args, optimizer if "optimizer" in loaded else None,
+                          loaded.get("rng") is not None)
     if scheduler is not None:
         scheduler.load_state_dict(common["scheduler"])
     rng = loaded.get("rng")

@@ -1,4 +1,5 @@
-"""Running megatron-core 0.16.1 on machines without CUDA (development, demo, CI).
+"""Running megatron-core (0.16.1 to 0.19.x, see ``compat.py``) on machines without CUDA (development,
+demo, CI).
 
 megatron-core assumes CUDA in a few places that matter for small CPU runs over gloo.
 ``apply_cpu_shim()`` patches exactly those, and only when CUDA is absent:
@@ -11,6 +12,8 @@ megatron-core assumes CUDA in a few places that matter for small CPU runs over g
 * the model-parallel RNG tracker (``get_cuda_rng_tracker().fork()``, entered around dropout
   under sequence/tensor parallelism) keeps CUDA generator states: on CPU its ``fork`` runs on
   the default CPU generator instead;
+* activation recomputation (``tensor_parallel.checkpoint``) saves and restores the CUDA RNG
+  state beside the CPU one: on CPU there is only the CPU one;
 * RoPE's context-parallel slicing (``get_pos_emb_on_this_cp_rank``) builds its index in
   pinned memory and calls ``.cuda()``: replaced by the same slicing with a CPU index.
 
@@ -23,9 +26,18 @@ allocates its scalars with ``device='cuda'`` and accepts only parameters whose
 ``Tensor.type()`` reads ``torch.cuda.*Tensor``.  ``apply_cpu_optimizer_shim()`` covers that,
 opt-in, for ``--optimizer-impl megatron`` on CPU (how the tests run the GPU default path):
 
-* the ``torch`` seen by megatron's optimizer modules and ``megatron.core.utils`` maps
+* the ``torch`` seen by megatron's optimizer modules (the fp16 loss scaler's too) and
+  ``megatron.core.utils`` maps
   ``device='cuda'`` to the CPU in ``tensor/zeros/empty/ones/full``;
-* ``Tensor.type()`` without arguments reports CPU tensors as ``torch.cuda.*Tensor``.
+* ``Tensor.type()`` without arguments reports CPU tensors as ``torch.cuda.*Tensor``;
+* the fp16 loss scaler loads its scale onto the CPU (megatron's moves it with ``.cuda()``);
+* 0.19+: DDP's grad buffers wait for CUDA-graph events on ``torch.cuda.current_stream()`` before
+  every gradient reduction: the ``torch`` seen by ``param_and_grad_buffer`` has a ``cuda`` whose
+  ``current_stream()`` is a stream that waits for nothing.
+
+Patches differ per megatron-core release where megatron's code does (``_OPTIMIZER_PATCHES``); both
+functions first check that the installed release is supported (``compat.check_megatron_core``),
+since they patch megatron's internals by name.
 """
 from __future__ import annotations
 
@@ -33,6 +45,8 @@ import contextlib
 import types
 
 import torch
+
+from .compat import megatron_core_version
 
 _APPLIED = False
 
@@ -63,6 +77,49 @@ class _CpuFactoriesTorch(_CpuZerosTorch):
     tensor, empty, ones, full = (_on_cpu(f) for f in (torch.tensor, torch.empty, torch.ones, torch.full))
 
 
+class _NullStream:
+    """A CUDA stream stand-in on CPU: there is nothing to wait for."""
+
+    def wait_event(self, event):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def synchronize(self):
+        pass
+
+
+class _CpuStreamsCuda(types.ModuleType):
+    def __init__(self):
+        super().__init__("torch.cuda")
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_stream(device=None):
+        return _NullStream()
+
+
+class _CpuStreamsTorch(types.ModuleType):
+    """The stand-in for megatron's grad buffers (0.19+): ``torch.cuda.current_stream()`` on CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+        self.cuda = _CpuStreamsCuda()
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _scaler_load_state_dict_on_cpu(self, state_dict):
+    """megatron's ``DynamicGradScaler.load_state_dict`` (fp16 loss scale), keeping the scale on the CPU."""
+    self._scale = state_dict["scale"].cpu()
+    self._growth_tracker = state_dict["growth_tracker"]
+    self._hysteresis_tracker = state_dict["hysteresis_tracker"]
+
+
 def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
     """megatron's load-balanced RoPE slice (chunks r and 2cp-1-r), with a CPU index."""
     if cp_group is None:
@@ -77,6 +134,7 @@ def _pos_emb_on_this_cp_rank(pos_emb, seq_dim, cp_group):
 def apply_cpu_shim() -> bool:
     """Apply the shim if CUDA is unavailable; returns whether it is active. Idempotent."""
     global _APPLIED
+    megatron_core_version()             # a clear error outside the supported releases
     if torch.cuda.is_available():
         return False
     if not _APPLIED:
@@ -86,6 +144,10 @@ def apply_cpu_shim() -> bool:
         schedules.torch = _CpuZerosTorch()
         from megatron.core.tensor_parallel import random as tp_random
         tp_random.CudaRNGStatesTracker.fork = lambda self, name=None: contextlib.nullcontext()
+        # activation recomputation (tensor_parallel.checkpoint) saves and restores the CUDA RNG state
+        # next to the CPU one: without CUDA there is only the CPU one
+        tp_random._get_cuda_rng_state = lambda *args, **kwargs: None
+        tp_random._set_cuda_rng_state = lambda *args, **kwargs: None
         from megatron.core.models.common.embeddings import rope_utils, rotary_pos_embedding
         rope_utils.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
         rotary_pos_embedding.get_pos_emb_on_this_cp_rank = _pos_emb_on_this_cp_rank
@@ -96,6 +158,17 @@ def apply_cpu_shim() -> bool:
 _OPTIMIZER_APPLIED = False
 
 
+def _grad_buffer_streams_on_cpu():
+    from megatron.core.distributed import param_and_grad_buffer
+    param_and_grad_buffer.torch = _CpuStreamsTorch()
+
+
+# (first release that needs it, patch): the optimizer-path patches that only some releases need
+_OPTIMIZER_PATCHES = [
+    ((0, 19, 0), _grad_buffer_streams_on_cpu),      # start_grad_sync waits on torch.cuda.current_stream()
+]
+
+
 def apply_cpu_optimizer_shim() -> bool:
     """Let megatron's optimizer run on CPU (see the module docstring); returns whether it is
     active.  Only without CUDA; implies ``apply_cpu_shim()``.  Idempotent."""
@@ -104,9 +177,10 @@ def apply_cpu_optimizer_shim() -> bool:
         return False
     if not _OPTIMIZER_APPLIED:
         import megatron.core.utils as core_utils
-        from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
-        for module in (optimizer, distrib_optimizer, clip_grads, core_utils):
+        from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler, optimizer
+        for module in (optimizer, distrib_optimizer, clip_grads, grad_scaler, core_utils):
             module.torch = _CpuFactoriesTorch()
+        grad_scaler.DynamicGradScaler.load_state_dict = _scaler_load_state_dict_on_cpu
         plain_type = torch.Tensor.type
 
         def cuda_type_name(self, dtype=None, non_blocking=False, **kwargs):
@@ -114,5 +188,9 @@ def apply_cpu_optimizer_shim() -> bool:
                 return plain_type(self).replace("torch.", "torch.cuda.", 1)
             return plain_type(self, dtype, non_blocking, **kwargs)
         torch.Tensor.type = cuda_type_name
+        version = megatron_core_version()
+        for since, patch in _OPTIMIZER_PATCHES:
+            if version >= since:
+                patch()
         _OPTIMIZER_APPLIED = True
     return True

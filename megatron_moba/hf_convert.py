@@ -22,7 +22,8 @@ import torch
 from .model import padded_vocab_size
 
 def read_hf_config(hf_dir: str) -> dict:
-    path = os.path.join(hf_dir, "config.json")
+    """The checked Llama config of an HF checkpoint directory (or of a ``config.json`` file)."""
+    path = hf_dir if os.path.isfile(hf_dir) else os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: not a Hugging Face checkpoint directory")
     cfg = json.load(open(path))
@@ -153,6 +154,11 @@ def import_to_checkpoint(hf_dir: str, save_dir: str) -> list:
     """HF Llama directory -> megatron dist checkpoint (weights only, iteration 0; loads at any
     TP/PP with ``--load save_dir --finetune``).  Returns the model flags to train with."""
     from .checkpointing import save_checkpoint
+    if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
+        what = sorted(os.listdir(save_dir))[:5] if os.path.isdir(save_dir) else "a file"
+        raise FileExistsError(f"--save {save_dir} is not an empty directory (it holds {what}): importing there "
+                              "would replace its latest_checkpointed_iteration.txt and the checkpoints it names; "
+                              "import into a new or empty directory")
     cfg, weights = hf_import(hf_dir)
     model, args = _build(cfg)
     params = dict(model.named_parameters())
@@ -169,16 +175,65 @@ def import_to_checkpoint(hf_dir: str, save_dir: str) -> list:
     return megatron_args(cfg)
 
 
-def export_from_checkpoint(load_dir: str, out_dir: str, hf_config: dict = None) -> None:
+def _config_for_checkpoint(cfg: dict, saved: dict, path: str, source: str, trained: bool) -> dict:
+    """``cfg`` checked against the flags the checkpoint was trained with (``saved``), and, for a
+    checkpoint of the training job (``trained``), updated with what training may change without
+    changing the weights' shapes: RoPE base, positions, MoBA settings."""
+    if not saved:
+        return cfg
+    heads = cfg["num_attention_heads"]
+    expect = {"num_layers": cfg["num_hidden_layers"], "hidden_size": cfg["hidden_size"],
+              "ffn_hidden_size": cfg["intermediate_size"], "num_attention_heads": heads,
+              "num_query_groups": cfg.get("num_key_value_heads") or heads,
+              "untie_embeddings_and_output_weights": not cfg.get("tie_word_embeddings", False),
+              "normalization": "RMSNorm", "swiglu": True, "disable_bias_linear": True,
+              "position_embedding_type": "rope"}
+    if saved.get("padded_vocab_size"):
+        expect["padded_vocab_size"] = padded_vocab_size(cfg["vocab_size"])
+    found = dict(saved)
+    if found.get("num_query_groups") is None:
+        found["num_query_groups"] = found.get("num_attention_heads")
+    wrong = [f"{k}: checkpoint {found.get(k)!r}, HF config {v!r}" for k, v in expect.items()
+             if k in found and found[k] != v]
+    if wrong:
+        raise ValueError(f"{path} does not have the architecture of the HF config {source}: " + "; ".join(wrong))
+    out = dict(cfg)
+    if not trained:
+        return out
+    if saved.get("rotary_base") and int(saved["rotary_base"]) != int(cfg["rope_theta"]):
+        out["rope_theta"] = float(saved["rotary_base"])
+        if isinstance(out.get("rope_parameters"), dict):
+            out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": float(saved["rotary_base"])}
+    if saved.get("max_position_embeddings"):
+        out["max_position_embeddings"] = max(int(cfg["max_position_embeddings"]), int(saved["max_position_embeddings"]))
+    if saved.get("attention", "moba") == "moba" and saved.get("moba_chunk_size"):
+        out["moba_chunk_size"], out["moba_topk"] = saved["moba_chunk_size"], saved["moba_topk"]
+    return out
+
+
+def export_from_checkpoint(load_dir: str, out_dir: str, hf_config=None) -> None:
     """megatron dist checkpoint (from this project) -> HF Llama directory (config.json +
-    model.safetensors).  The HF config is the one stored at import unless given."""
+    model.safetensors).  The HF config is the one carried from the import unless ``hf_config``
+    (a dict, or the path of a config.json or of an HF directory) is given; its RoPE base,
+    positions and MoBA settings follow the flags the checkpoint was trained with."""
     from megatron.core import dist_checkpointing
 
     from .checkpointing import checkpoint_dir, load_checkpoint, read_latest
     path = checkpoint_dir(load_dir, read_latest(load_dir))
-    cfg = hf_config or dist_checkpointing.load_common_state_dict(path).get("hf_config")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint {path} is missing (named by {load_dir}/latest_checkpointed_iteration.txt)")
+    common = dist_checkpointing.load_common_state_dict(path)
+    if isinstance(hf_config, str):
+        source, cfg = hf_config, read_hf_config(hf_config)
+    elif hf_config is not None:
+        source, cfg = "given", hf_config
+    else:
+        source, cfg = "stored at import", common.get("hf_config")
     if cfg is None:
-        raise ValueError(f"{path} has no stored HF config (it was not imported from HF): pass hf_config")
+        raise ValueError(f"{path} has no stored HF config (neither imported from HF nor trained from an imported "
+                         "checkpoint): pass --hf-config with the config.json (or directory) of the HF model it has "
+                         "the architecture of")
+    cfg = _config_for_checkpoint(cfg, common.get("args") or {}, path, source, trained="scheduler" in common)
     model, _ = _build(cfg)
     load_checkpoint(load_dir, model, finetune=True)
     weights = {k: v.detach().cpu() for k, v in model.named_parameters()}

@@ -5,7 +5,8 @@
   buffers, bucketed reductions overlapped with the backward with ``--overlap-grad-reduce``) and
   ``get_megatron_optimizer`` (``--use-distributed-optimizer`` shards the fp32 main weights and the
   Adam states over data-parallel ranks).  With ``--bf16`` the model holds bf16 weights
-  (``Float16Module``) and the optimizer fp32 masters, as in Megatron-LM.
+  (``Float16Module``) and the optimizer fp32 masters, as in Megatron-LM; ``--fp16`` likewise with fp16
+  weights, plus megatron's loss scaling (dynamic, or static with ``--loss-scale``).
 * ``torch`` (default on CPU): ``torch.optim.AdamW`` over fp32 weights; gradients are reduced by
   ``parallel.finalize_grads`` and clipped by ``parallel.clip_grads``; ``--bf16`` is autocast.
 
@@ -95,8 +96,8 @@ class TorchOptimizer:
         """Nothing to do: AdamW updates the model's own fp32 weights."""
 
 
-# megatron-core 0.16.1's distributed optimizer over torch's Adam (no TE/apex FusedAdam, e.g. on CPU or
-# in a plain PyTorch install) keeps the Adam step in its param groups, but its param-state loaders then
+# megatron-core's distributed optimizer (0.16.1 to 0.19.x alike) over torch's Adam (no TE/apex FusedAdam,
+# e.g. on CPU or in a plain PyTorch install) keeps the Adam step in its param groups, but its param-state loaders then
 # (a) copy every per-parameter state key, "step" included, from a source without it (fully_reshardable:
 # KeyError) or (b) overwrite "step" with the placeholder of the request (dp_reshardable).  On that
 # optimizer instance only: copy the keys present, then restore the step from the loaded param groups.
@@ -118,6 +119,15 @@ def _restore_adam_step(part, part_state):
             st["step"] = torch.tensor(step, dtype=torch.float32)
 
 
+def _loss_scaling(args) -> dict:
+    """--fp16: megatron's loss scaling (static with --loss-scale, else dynamic), as in Megatron-LM."""
+    if not getattr(args, "fp16", False):
+        return {}
+    return dict(fp16=True, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+                min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
+                hysteresis=args.hysteresis)
+
+
 class MegatronOptimizer:
     """megatron-core's DDP wrapper and optimizer (``get_megatron_optimizer``)."""
 
@@ -132,8 +142,9 @@ class MegatronOptimizer:
             from .cpu_shim import apply_cpu_optimizer_shim
             apply_cpu_optimizer_shim()
         config = model.config
-        if args.bf16:
-            model = Float16Module(config, model)        # bf16 weights; fp32 logits out of the last stage
+        self.fp16 = bool(getattr(args, "fp16", False))
+        if args.bf16 or self.fp16:
+            model = Float16Module(config, model)        # bf16/fp16 weights; fp32 logits out of the last stage
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
             use_distributed_optimizer=args.use_distributed_optimizer, check_for_nan_in_grad=False)
@@ -142,13 +153,20 @@ class MegatronOptimizer:
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
             clip_grad=args.clip_grad, bf16=args.bf16, params_dtype=config.params_dtype,
-            use_distributed_optimizer=args.use_distributed_optimizer), [self.model])
+            use_distributed_optimizer=args.use_distributed_optimizer, **_loss_scaling(args)), [self.model])
         self.sharding = "fully_reshardable" if args.dist_ckpt_optim_fully_reshardable else "dp_reshardable"
         # the schedules reduce gradients through DDP: deferred over micro-batches, then finalized
         config.no_sync_func = self.model.no_sync
         if args.overlap_grad_reduce:
             config.grad_sync_func = self.model.start_grad_sync
         config.finalize_model_grads_func = finalize_model_grads
+        if self.fp16:               # the schedules scale each micro-batch's loss before its backward
+            config.grad_scale_func = self.optimizer.scale_loss
+
+    @property
+    def loss_scale(self):
+        """The current fp16 loss scale (None without --fp16)."""
+        return float(self.optimizer.get_loss_scale()) if self.fp16 else None
 
     @property
     def param_groups(self):

@@ -3,12 +3,19 @@
 Documents are read from JSONL files (one JSON object per line, text under ``json_key``) or
 from a HF ``datasets`` dataset saved on disk; each becomes one document of token ids followed
 by the tokenizer's end-of-document id.
+
+Outputs are written to a temporary directory next to them and renamed into place only once
+everything succeeded: a failing run leaves the previous files (and no temporary ones) behind.
+An input without documents is an error, not an empty dataset.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import multiprocessing
 import os
+import shutil
+import tempfile
 from typing import Iterator, List, Optional
 
 import numpy
@@ -21,13 +28,35 @@ class BadJSONLines(ValueError):
     pass
 
 
+class EmptyInput(ValueError):
+    pass
+
+
+@contextlib.contextmanager
+def staging_directory(target: str):
+    """A temporary directory beside ``target`` (same file system: os.replace is a rename),
+    removed on the way out whatever happens."""
+    parent = os.path.dirname(os.path.abspath(target))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent)
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def read_jsonl(paths: List[str], key: str) -> Iterator[str]:
     """Texts of the JSONL files.  Lines that are not JSON objects with a string ``key`` are
     collected and reported together (file and line number), never silently dropped."""
-    bad = []
+    bad, count = [], 0
     for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    bad.append(f"{path}:{number}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})")
+                    continue
                 if not line.strip():
                     continue
                 try:
@@ -38,10 +67,13 @@ def read_jsonl(paths: List[str], key: str) -> Iterator[str]:
                 except (ValueError, KeyError, TypeError) as e:
                     bad.append(f"{path}:{number}: {type(e).__name__}: {e}")
                     continue
+                count += 1
                 yield text
     if bad:
         shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise BadJSONLines(f"{len(bad)} bad JSON line(s):\n  {shown}")
+    if not count:
+        raise EmptyInput(f"no documents in {', '.join(paths)}: the input is empty or blank")
 
 
 def read_hf_dataset(path: str, key: str) -> Iterator[str]:
@@ -51,18 +83,46 @@ def read_hf_dataset(path: str, key: str) -> Iterator[str]:
         ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     if key not in ds.column_names:
         raise ValueError(f"{path} has no column {key!r} (columns: {ds.column_names})")
-    for row in ds:
+    if len(ds) == 0:
+        raise EmptyInput(f"no documents in {path}: the dataset has no rows")
+    for number, row in enumerate(ds):
+        if not isinstance(row[key], str):
+            raise ValueError(f"{path}: row {number}: {key!r} is {type(row[key]).__name__}, not a string")
         yield row[key]
 
 
 def train_sentencepiece(texts: Iterator[str], model_prefix: str, vocab_size: int) -> str:
-    """Train a SentencePiece BPE model on the texts; returns the .model path."""
+    """Train a SentencePiece BPE model on the texts; returns the .model path.  ``model_prefix``
+    .model/.vocab are replaced only once training succeeded; an error of the texts' reader is
+    raised as itself (SentencePiece would turn it into a RuntimeError)."""
     import sentencepiece
-    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size, model_type="bpe",
-        character_coverage=1.0, byte_fallback=True, split_digits=True, max_sentence_length=1 << 16,
-        pad_id=-1, bos_id=1, eos_id=2, unk_id=0, hard_vocab_limit=False, num_threads=max(1, os.cpu_count() or 1), minloglevel=2)
+    source = iter(texts)
+    seen = {"documents": 0, "error": None}
+
+    def guarded():
+        try:
+            for text in source:
+                seen["documents"] += 1
+                yield text
+        except Exception as e:        # noqa: BLE001 -- re-raised below, after SentencePiece returns
+            seen["error"] = e
+    with staging_directory(model_prefix) as tmp:
+        tmp_prefix = os.path.join(tmp, "spm")
+        try:
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=guarded(), model_prefix=tmp_prefix, vocab_size=vocab_size, model_type="bpe",
+                character_coverage=1.0, byte_fallback=True, split_digits=True, max_sentence_length=1 << 16,
+                pad_id=-1, bos_id=1, eos_id=2, unk_id=0, hard_vocab_limit=False,
+                num_threads=max(1, os.cpu_count() or 1), minloglevel=2)
+        except RuntimeError:
+            if seen["error"] is None and seen["documents"]:
+                raise
+        if seen["error"] is not None:
+            raise seen["error"]
+        if not seen["documents"]:
+            raise EmptyInput("no documents to train the tokenizer on: the input is empty")
+        for ext in (".vocab", ".model"):
+            os.replace(tmp_prefix + ext, model_prefix + ext)
     return model_prefix + ".model"
 
 
@@ -80,34 +140,44 @@ def _encode(text: str) -> List[int]:
 
 def build_indexed_dataset(texts: Iterator[str], output_prefix: str, tokenizer_type: str,
                           tokenizer_model: Optional[str] = None, vocab_size: Optional[int] = None,
-                          workers: int = 1, progress: bool = True) -> dict:
-    """Tokenize ``texts`` into ``output_prefix``.bin/.idx; returns counts."""
+                          workers: int = 1, progress: bool = True, overwrite: bool = True) -> dict:
+    """Tokenize ``texts`` into ``output_prefix``.bin/.idx; returns counts.
+
+    Both files are written under temporary names and renamed into place only on success, so a
+    failure keeps an existing pair intact (and leaves no temporary files).  ``overwrite=False``
+    refuses an existing pair up front.  No documents at all raise ``EmptyInput``."""
+    outputs = [output_prefix + ".bin", output_prefix + ".idx"]
+    existing = [p for p in outputs if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"{' and '.join(existing)} already exist(s): refusing to overwrite")
     tokenizer = build_tokenizer(tokenizer_type, tokenizer_model, vocab_size)
     dtype = numpy.uint16 if tokenizer.vocab_size <= 65536 else numpy.int32
-    os.makedirs(os.path.dirname(os.path.abspath(output_prefix)), exist_ok=True)
-    builder = IndexedDatasetBuilder(output_prefix + ".bin", dtype=dtype)
     docs = tokens = 0
-    init = (tokenizer_type, tokenizer_model, vocab_size)
-    pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, init) if workers > 1 else None
-    if pool is None:
-        _init_worker(*init)
-    encoded = pool.imap(_encode, texts, chunksize=16) if pool else map(_encode, texts)
-    if progress:
-        from tqdm import tqdm
-        encoded = tqdm(encoded, desc="tokenizing", unit=" docs")
-    try:
-        for ids in encoded:
-            builder.add_document(numpy.asarray(ids, dtype=numpy.int64), [len(ids)])
-            docs += 1
-            tokens += len(ids)
-    except BaseException:
-        builder.data_file.close()
-        os.remove(output_prefix + ".bin")        # no half-written dataset is left behind
-        raise
-    finally:
-        if pool:
-            pool.terminate()
-    builder.finalize(output_prefix + ".idx")
+    with staging_directory(output_prefix) as tmp:
+        tmp_prefix = os.path.join(tmp, "data")
+        builder = IndexedDatasetBuilder(tmp_prefix + ".bin", dtype=dtype)
+        init = (tokenizer_type, tokenizer_model, vocab_size)
+        pool = multiprocessing.get_context("spawn").Pool(workers, _init_worker, init) if workers > 1 else None
+        if pool is None:
+            _init_worker(*init)
+        encoded = pool.imap(_encode, texts, chunksize=16) if pool else map(_encode, texts)
+        if progress:
+            from tqdm import tqdm
+            encoded = tqdm(encoded, desc="tokenizing", unit=" docs")
+        try:
+            for ids in encoded:
+                builder.add_document(numpy.asarray(ids, dtype=numpy.int64), [len(ids)])
+                docs += 1
+                tokens += len(ids)
+        finally:
+            builder.data_file.close()
+            if pool:
+                pool.terminate()
+        if not docs:
+            raise EmptyInput(f"no documents to write to {output_prefix}.bin/.idx: the input is empty")
+        builder.finalize(tmp_prefix + ".idx")
+        os.replace(tmp_prefix + ".bin", outputs[0])
+        os.replace(tmp_prefix + ".idx", outputs[1])
     return dict(documents=docs, tokens=tokens, vocab_size=tokenizer.vocab_size, eod=tokenizer.eod)
 
 

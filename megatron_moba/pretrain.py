@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import sys
 
-import torch.distributed as dist
-
 from .arguments import parse_args
-from .training import pretrain
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    args = parse_args(argv)                  # before torch and megatron-core are imported: `--help` is quick
+    from .logs import quiet_absent_backend_warnings
+    quiet_absent_backend_warnings()
+    import torch.distributed as dist
+
+    from .training import pretrain
     try:
         pretrain(args)
     finally:

@@ -197,7 +197,7 @@ def plan_runs(desc: dict, out: str) -> List[Run]:
     runs = []
     for m in desc["models"]:
         iters = m["train_iters"]
-        warmup = desc["warmup_iters"] if desc["warmup_iters"] is not None else max(1, iters // 10)
+        warmup = desc["warmup_iters"] if desc["warmup_iters"] is not None else min(max(1, iters // 10), iters - 1)
         model_flags = ["--num-layers", m["layers"], "--hidden-size", m["hidden"], "--num-attention-heads", m["heads"]]
         model_flags += ["--num-query-groups", m["query_groups"]] if m["query_groups"] else []
         model_flags += ["--ffn-hidden-size", m["ffn_hidden"]] if m["ffn_hidden"] else []
@@ -212,7 +212,7 @@ def plan_runs(desc: dict, out: str) -> List[Run]:
                 "--seq-length", s, "--micro-batch-size", desc["micro_batch"], "--global-batch-size", gb,
                 "--train-iters", iters, "--lr", m["lr"], "--min-lr", desc["min_lr"] if desc["min_lr"] is not None
                 else m["lr"] / 10, "--lr-warmup-iters", warmup, "--seed", desc["seed"],
-                "--log-interval", max(1, iters // 10), "--save", ckpt, "--load", ckpt,
+                "--log-interval", min(max(1, iters // 10), iters - 1), "--save", ckpt, "--load", ckpt,
                 "--metrics-file", os.path.join(directory, "metrics.jsonl")] + data_flags] + desc["extra_args"]
             try:
                 args = parse_args(argv, world_size=desc["launch"]["nproc_per_node"])
@@ -313,7 +313,7 @@ def train_locally(runs: List[Run], desc: dict, python: str, log=print) -> None:
         with open(logfile, "w") as f:
             path = os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "")      # its torchrun too
             code = subprocess.call(launch_command(r, desc, python), stdout=f, stderr=subprocess.STDOUT,
-                                   env=dict(os.environ, PYTHONWARNINGS="ignore", PATH=path, **desc["launch"]["env"]))
+                                   env=dict(os.environ, PATH=path, **desc["launch"]["env"]))
         tail = open(logfile).read().splitlines()
         if code != 0 or not r.done():
             raise RuntimeError(f"run {r.name} failed (exit code {code}); last lines of {logfile}:\n  " +

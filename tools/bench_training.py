@@ -24,7 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-import torch
+# torch is imported inside the functions that use it: `--help` answers without it
 
 
 def parse_args(argv=None):
@@ -61,8 +61,9 @@ def job_flags(args, variant: str, metrics: str) -> list:
              "--moba-chunk-size", args.moba_chunk_size, "--moba-topk", args.moba_topk,
              "--moba-full-attn-layers", args.moba_full_attn_layers,
              "--micro-batch-size", args.micro_batch_size, "--train-iters", args.iters,
-             "--lr", "1e-4", "--lr-warmup-iters", 1, "--mock-data", "--vocab-size", 32000,
+             "--lr", "1e-4", "--lr-warmup-iters", min(1, args.iters - 1), "--mock-data", "--vocab-size", 32000,
              "--log-interval", 1, "--metrics-file", metrics, "--eval-iters", 1]
+    import torch
     if torch.cuda.is_available():
         flags.append("--bf16")
     return [str(f) for f in flags] + args.extra.split()
@@ -104,6 +105,7 @@ def main(argv=None):
               f"{r['tflops_per_device']:>8.1f} {mfu:>6} {r['peak_memory_gib']:>8.1f}")
     if ratio is not None:
         print(f"MoBA step time / full attention step time: {ratio:.3f}")
+    import torch
     env = dict(torch=torch.__version__, python=platform.python_version(), host=platform.node(),
                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
                cuda=torch.version.cuda)

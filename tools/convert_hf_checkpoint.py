@@ -5,15 +5,20 @@
     #   then: torchrun ... -m megatron_moba.pretrain --load ckpt/llama_mg --finetune <printed model flags> ...
     python tools/convert_hf_checkpoint.py export --load ckpt/run --out llama_moba_hf
 
+Import writes into a new (or empty) directory only.  Export takes the HF config carried from the
+import through every checkpoint trained from it (--load/--finetune); a checkpoint without one (a
+run trained from scratch with Llama-architecture flags) needs --hf-config.
+
 The megatron checkpoint holds full-size (global) tensors: it loads at any TP/PP.  Weights are
 read from and written to safetensors only.
 """
 import argparse
+import os
 import sys
 from types import SimpleNamespace
 
-from megatron_moba.hf_convert import export_from_checkpoint, import_to_checkpoint
-from megatron_moba.parallel import initialize_distributed
+# megatron_moba.hf_convert and .parallel (torch, megatron-core) are imported in main, after the
+# flags are parsed: `--help` answers without them
 
 
 def main(argv=None):
@@ -21,19 +26,35 @@ def main(argv=None):
     sub = p.add_subparsers(dest="direction", required=True)
     imp = sub.add_parser("import", help="HF -> megatron")
     imp.add_argument("--hf-dir", required=True)
-    imp.add_argument("--save", required=True)
+    imp.add_argument("--save", required=True, help="a new or empty directory")
     exp = sub.add_parser("export", help="megatron -> HF")
     exp.add_argument("--load", required=True)
     exp.add_argument("--out", required=True)
+    exp.add_argument("--hf-config", default=None,
+                     help="config.json (or HF directory) describing the model, for a checkpoint that does not carry "
+                          "one from an import")
     args = p.parse_args(argv)
+    if args.direction == "import" and os.path.isdir(args.save) and os.listdir(args.save):
+        p.error(f"--save {args.save} is not empty: import into a new or empty directory (importing there would "
+                "replace the latest_checkpointed_iteration.txt of the checkpoints it holds)")
+    from megatron_moba.logs import quiet_absent_backend_warnings
+    quiet_absent_backend_warnings()
+    from megatron_moba.hf_convert import export_from_checkpoint, import_to_checkpoint
+    from megatron_moba.parallel import initialize_distributed
     initialize_distributed(SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                            context_parallel_size=1, seed=0))
+    try:
+        if args.direction == "import":
+            flags = import_to_checkpoint(args.hf_dir, args.save)
+        else:
+            export_from_checkpoint(args.load, args.out, args.hf_config)
+    except (ValueError, OSError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if args.direction == "import":
-        flags = import_to_checkpoint(args.hf_dir, args.save)
         print(f"wrote {args.save} (iteration 0, weights only). Train with:\n  --load {args.save} --finetune "
               + " ".join(flags))
     else:
-        export_from_checkpoint(args.load, args.out)
         print(f"wrote {args.out}/config.json and model.safetensors")
     return 0
 

@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore")   # megatron and torch.distributed notices (absent TE/apex, deprecations)
+from megatron_moba.logs import quiet_absent_backend_warnings  # noqa: E402  (light: no torch)
 
-from megatron_moba import needle  # noqa: E402
+quiet_absent_backend_warnings()
+# megatron_moba.needle and the model code (torch, megatron-core) are imported once the flags are
+# parsed: `--help` answers without them
 
 
 def parse(argv):
@@ -49,6 +50,7 @@ def parse(argv):
 
 def check(args) -> list:
     """Flag checks before any model is built; returns each checkpoint's saved flags."""
+    from megatron_moba import needle
     from megatron_moba.evaluation import saved_args
     if args.labels is not None and len(args.labels) != len(args.load):
         raise ValueError(f"--labels has {len(args.labels)} names for {len(args.load)} --load checkpoints")
@@ -74,6 +76,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from megatron_moba import needle
     from megatron_moba.evaluation import load_for_eval
     labels = args.labels or [os.path.basename(os.path.normpath(p)) for p in args.load]
     passkeys = needle.make_passkeys(args.trials, args.digits, args.seed)

@@ -25,12 +25,13 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-warnings.filterwarnings("ignore")   # megatron and torch.distributed notices (absent TE/apex, deprecations)
+from megatron_moba.logs import quiet_absent_backend_warnings  # noqa: E402  (light: no torch)
 
-from megatron_moba import block_selection as bs  # noqa: E402
+quiet_absent_backend_warnings()
+# megatron_moba.block_selection and the model code (torch, megatron-core) are imported once the
+# flags are parsed: `--help` answers without them
 
 
 def parse(argv):
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from megatron_moba import block_selection as bs
     from megatron_moba.evaluation import load_for_eval
     model, margs, tokenizer = load_for_eval(args.load, args.iteration, seq_length=eval_seq_length)
     try:

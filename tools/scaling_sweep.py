@@ -46,8 +46,10 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import fit_scaling  # noqa: E402
 
-from megatron_moba import sweep  # noqa: E402
-from megatron_moba.positional_loss import plot_results  # noqa: E402
+from megatron_moba import sweep  # noqa: E402  (no torch: positional_loss is imported where it plots)
+from megatron_moba.logs import quiet_absent_backend_warnings  # noqa: E402
+
+quiet_absent_backend_warnings()
 
 PRESETS = os.path.join(ROOT, "examples", "sweeps")
 
@@ -116,6 +118,7 @@ def main(argv=None) -> int:
         sweep.train_locally(runs, desc, sys.executable)
         results = sweep.evaluate_runs(runs, desc, out)
         table = sweep.write_table(sweep.table_rows(runs, results), os.path.join(out, "table.csv"))
+        from megatron_moba.positional_loss import plot_results
         print(f"wrote {table}, {plot_results(results, os.path.join(out, 'positional_loss.png'))}")
         fit(table, out, desc["fit"]["buckets"], desc["fit"]["ratio_at"])
     except (ValueError, FileNotFoundError, RuntimeError) as e:
