@@ -51,7 +51,7 @@ test-fast: $(STAMP)  ## quick tier: kernels, gate, one-process megatron layers, 
 # (built/reused by .ci/mcore_latest_venv.sh: the cp312 wheel's Python code, helpers_cpp rebuilt for 3.11).
 MCORE_TESTS := tests/test_compat.py tests/test_megatron_gpt.py tests/test_megatron_optimizer.py tests/test_training.py \
     tests/test_hf_convert.py tests/test_positional_loss.py tests/test_needle.py tests/test_block_selection.py \
-    tests/test_preprocess.py
+    tests/test_preprocess.py tests/test_data_checks.py tests/test_checkpoint_safety.py tests/test_job_ux.py
 test-mcore-latest:  ## the megatron tests against megatron-core 0.19.x (own venv: .venv-mcore-latest)
 	PYTHON=$(PYTHON) bash .ci/mcore_latest_venv.sh
 	.venv-mcore-latest/bin/python -m pytest -q $(PYTEST_ARGS) $(MCORE_TESTS)

@@ -20,7 +20,8 @@ ABSENT_BACKEND_MESSAGES = (
     r"Apex is not installed\.",
     r"Transformer Engine is not installed\.",
     r"If you are using transformer_engine as the transformer implementation",   # selective recompute on core_attn
-    r"full scope is deprecated\. Use empty cuda_graph_scope",     # TransformerConfig's own default, no CUDA graphs
+    # TransformerConfig's own default, no CUDA graphs (0.19 says cuda_graph_modules)
+    r"full scope is deprecated\. Use empty cuda_graph_(scope|modules)",
 )
 # torch.distributed functions megatron-core's distributed optimizer still calls (not the user's to change)
 DEPRECATED_IN_MEGATRON = (
