@@ -201,6 +201,15 @@ def crash_during_save(argv):
         checkpointing.dist_checkpointing.save = real_save
 
 
+def assert_cli_rejects(extra, text, capsys):
+    """``parse_args(TINY + extra)`` exits with an error message containing ``text``."""
+    import pytest
+    from megatron_moba.arguments import parse_args
+    with pytest.raises(SystemExit):
+        parse_args(TINY + extra, world_size=1)
+    assert text in capsys.readouterr().err
+
+
 def run_pretrain_error(argv, kind: str = "RuntimeError"):
     """run_pretrain, returning the message of the builtin exception ``kind`` instead of raising it."""
     import builtins

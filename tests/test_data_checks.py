@@ -50,9 +50,7 @@ def _python(code, *argv):
     (["--split", "train"], "--split 'train' must be up to three"),
 ])
 def test_cli_rejects_evaluation_and_split_contradictions(extra, text, capsys):
-    with pytest.raises(SystemExit):
-        parse_args(mc.TINY + extra, world_size=1)
-    assert text in capsys.readouterr().err
+    mc.assert_cli_rejects(extra, text, capsys)
 
 
 @pytest.mark.parametrize("extra", [["--split", "100,0,0"], ["--eval-iters", "0"], ["--split", "98/2/0"],

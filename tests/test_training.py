@@ -4,7 +4,6 @@ import os
 import pytest
 
 import megatron_cases as mc
-from megatron_moba.arguments import parse_args
 
 
 def _run(argv, **layout):
@@ -82,9 +81,7 @@ def test_resume_at_another_layout_reproduces_single_process(start_checkpoint, la
     (["--optimizer-impl", "torch", "--overlap-grad-reduce"], "--overlap-grad-reduce needs --optimizer-impl megatron"),
 ])
 def test_cli_rejects_contradictions(extra, text, capsys):
-    with pytest.raises(SystemExit):
-        parse_args(mc.TINY + extra, world_size=1)
-    assert text in capsys.readouterr().err
+    mc.assert_cli_rejects(extra, text, capsys)
 
 
 def test_training_on_indexed_stdlib_data_reduces_loss(tmp_path):
