@@ -20,7 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_moba.preprocess import build_indexed_dataset, stdlib_corpus, train_sentencepiece  # noqa: E402
+from megatron_moba.training.preprocess import build_indexed_dataset, stdlib_corpus, train_sentencepiece  # noqa: E402
 
 
 def train(name, data, tok, out, args, extra):

@@ -8,16 +8,16 @@ from __future__ import annotations
 
 import sys
 
-from .arguments import parse_args
+from megatron_moba.training.arguments import parse_args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)                  # before torch and megatron-core are imported: `--help` is quick
-    from .logs import quiet_absent_backend_warnings
+    from megatron_moba.training.logs import quiet_absent_backend_warnings
     quiet_absent_backend_warnings()
     import torch.distributed as dist
 
-    from .training import pretrain
+    from megatron_moba.training.trainer import pretrain
     try:
         pretrain(args)
     finally:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from megatron_moba.parallel import free_port
+from megatron_moba.training.parallel import free_port
 
 BASE = dict(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=128,
             use_cpu_initialization=True, attention_dropout=0.0, hidden_dropout=0.0, normalization="RMSNorm",
@@ -27,7 +27,7 @@ def _worker(rank, world, port, outdir, fn, args, tp, pp, cp):
     torch.set_num_threads(1)
     from megatron.core import parallel_state
 
-    from megatron_moba.parallel import initialize_distributed
+    from megatron_moba.training.parallel import initialize_distributed
     initialize_distributed(SimpleNamespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                            context_parallel_size=cp, seed=0))
     try:
@@ -48,7 +48,7 @@ def run_distributed(fn, *args, tp=1, pp=1, cp=1, dp=1):
 
 def make_config(**overrides):
     from megatron.core import parallel_state as ps
-    from megatron_moba.config import MoBATransformerConfig
+    from megatron_moba.core.config import MoBATransformerConfig
     kw = dict(BASE, tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
               pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
               context_parallel_size=ps.get_context_parallel_world_size())
@@ -126,7 +126,7 @@ def train(config_overrides, full_weights, steps=3, micro=2, lr=1e-2):
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_moba.training import cp_local_batch
+    from megatron_moba.training.trainer import cp_local_batch
     config = make_config(**config_overrides)
     model = build_gpt(config)
     load_full_weights(model, full_weights)
@@ -178,14 +178,14 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4"
 
 def run_pretrain(argv):
     """The job's own entry (arguments + Trainer) inside an already initialized process group."""
-    from megatron_moba.arguments import parse_args
-    from megatron_moba.training import pretrain
+    from megatron_moba.training.arguments import parse_args
+    from megatron_moba.training.trainer import pretrain
     return pretrain(parse_args(list(argv), world_size=dist.get_world_size()))
 
 
 def crash_during_save(argv):
     """Run, with the checkpoint writer failing half-way through the save; report what is left."""
-    from megatron_moba import checkpointing
+    from megatron_moba.training.trainer import checkpointing
     real_save = checkpointing.dist_checkpointing.save
 
     def broken_save(state, path, *a, **k):
@@ -204,7 +204,7 @@ def crash_during_save(argv):
 def assert_cli_rejects(extra, text, capsys):
     """``parse_args(TINY + extra)`` exits with an error message containing ``text``."""
     import pytest
-    from megatron_moba.arguments import parse_args
+    from megatron_moba.training.arguments import parse_args
     with pytest.raises(SystemExit):
         parse_args(TINY + extra, world_size=1)
     assert text in capsys.readouterr().err
@@ -224,8 +224,8 @@ def hf_logits_in_megatron(hf_dir, ckpt, tokens, flags=()):
     """Logits of the imported checkpoint (--finetune load) at this run's TP, gathered over the vocabulary."""
     from megatron.core import parallel_state as ps
 
-    from megatron_moba.checkpointing import load_checkpoint
-    from megatron_moba.hf_convert import _build, read_hf_config
+    from megatron_moba.training.checkpointing import load_checkpoint
+    from megatron_moba.hf.convert import _build, read_hf_config
     tp = ps.get_tensor_model_parallel_world_size()
     model, _ = _build(read_hf_config(hf_dir), ["--tensor-model-parallel-size", str(tp), *flags],
                       world_size=dist.get_world_size())
@@ -240,8 +240,8 @@ def hf_logits_in_megatron(hf_dir, ckpt, tokens, flags=()):
 
 def trainer_dtypes(argv):
     """(dtypes of the model's weights, dtypes of the optimizer's main weights) after two steps."""
-    from megatron_moba.arguments import parse_args
-    from megatron_moba.training import Trainer
+    from megatron_moba.training.arguments import parse_args
+    from megatron_moba.training.trainer import Trainer
     trainer = Trainer(parse_args(list(argv), world_size=dist.get_world_size()))
     losses = trainer.train()
     groups = trainer.optimizer.optimizer.param_groups

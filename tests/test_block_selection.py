@@ -1,4 +1,4 @@
-"""Block-selection maps and kept attention mass (megatron_moba.block_selection, tools/plot_block_selection.py)
+"""Block-selection maps and kept attention mass (megatron_moba.eval.block_selection, tools/plot_block_selection.py)
 against brute-force loops; captured q/k/v reproduce the layer's attention; the tool end to end; clear errors."""
 import json
 import math
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import megatron_cases as mc
-from megatron_moba import block_selection as bs
-from megatron_moba.tokenizer import build_tokenizer
+from megatron_moba.eval import block_selection as bs
+from megatron_moba.training.tokenizer import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -101,7 +101,7 @@ def test_selection_map_matches_brute_force_gate():
 
 
 def test_input_tokens(tmp_path):
-    from megatron_moba.preprocess import build_indexed_dataset
+    from megatron_moba.training.preprocess import build_indexed_dataset
     tok = build_tokenizer("NullTokenizer", vocab_size=50)
     build_indexed_dataset(["1 2 3", "4 5 6 7 8 9", "10"], str(tmp_path / "d"), "NullTokenizer", vocab_size=50,
                           progress=False)
@@ -130,7 +130,7 @@ def _train_and_capture(argv):
     from it with the reference backend (MoBA for layer 1, dense causal for the full layer 2)."""
     from moba_kernels import moba_attn
 
-    from megatron_moba.evaluation import load_for_eval
+    from megatron_moba.eval.checkpoint import load_for_eval
     mc.run_pretrain(argv)
     model, args, tok = load_for_eval(argv[argv.index("--save") + 1])
     tokens = torch.randint(0, 200, (64,), generator=torch.Generator().manual_seed(0))

@@ -34,7 +34,7 @@ class _Crash(Exception):
 
 def crash_at(argv, iteration):
     """The job, killed (no save) when it is about to run the step after ``iteration``."""
-    from megatron_moba.training import Trainer
+    from megatron_moba.training.trainer import Trainer
     real = Trainer.train_step
 
     def step(self):
@@ -88,7 +88,7 @@ def test_missing_tracker_refuses_to_start_from_scratch(saved_run, tmp_path):
 
 
 def test_save_into_a_directory_with_checkpoints_is_refused(tmp_path):
-    from megatron_moba.checkpointing import check_save_dir
+    from megatron_moba.training.checkpointing import check_save_dir
     run, other, imported = tmp_path / "run", str(tmp_path / "other"), tmp_path / "imported"
     (run / "iter_0000004").mkdir(parents=True)
     (run / "latest_checkpointed_iteration.txt").write_text("4")
@@ -155,7 +155,7 @@ def test_resume_reports_ignored_flags_and_override_takes_the_command_line(saved_
     for it in (5, 6):                              # the checkpoint's 3e-3 over 6 vs the command line's 1e-3 over 8
         assert abs(default[it] - cosine(3e-3, it, 1, 6)) < 1e-9 and abs(override[it] - cosine(1e-3, it, 1, 8)) < 1e-9
     with pytest.raises(SystemExit):
-        from megatron_moba.arguments import parse_args
+        from megatron_moba.training.arguments import parse_args
         parse_args(mc.TINY + ["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"], world_size=1)
     assert "not allowed with argument" in capfd.readouterr().err
     _run(changed + [m_default, "--use-checkpoint-opt_param-scheduler"])      # Megatron's flag is accepted
@@ -178,7 +178,7 @@ def test_metrics_have_no_duplicates_after_a_crash_resume(tmp_path):
     assert mc.run_distributed(crash_at, argv, 3)[0] == "crashed"    # saved at 2, logged 3, then died
     with open(metrics, "a") as f:
         f.write('{"iteration": 4, "lo')                              # and a line torn by the crash
-    from megatron_moba.checkpointing import read_latest
+    from megatron_moba.training.checkpointing import read_latest
     assert read_latest(ckpt) == 2
     assert [json.loads(line)["iteration"] for line in list(open(metrics))[:-1]] == [1, 2, 3]
     assert len(_run(argv + ["--load", ckpt])[0]) == 4
@@ -214,13 +214,13 @@ def test_import_refuses_a_non_empty_directory(saved_run, hf_dir, tmp_path):
     out = _tool("import", "--hf-dir", str(hf_dir / "hf"), "--save", ckpt, ok=False)
     assert f"--save {ckpt} is not empty" in out, out
     assert _tree(ckpt) == before
-    from megatron_moba.hf_convert import import_to_checkpoint
+    from megatron_moba.hf.convert import import_to_checkpoint
     with pytest.raises(FileExistsError, match="is not an empty directory"):
         import_to_checkpoint(str(hf_dir / "hf"), ckpt)
 
 
 def megatron_logits(load_dir, tokens):
-    from megatron_moba.evaluation import load_for_eval
+    from megatron_moba.eval.checkpoint import load_for_eval
     model, _, _ = load_for_eval(load_dir, attention="full")
     with torch.no_grad():
         return model(tokens, torch.arange(tokens.shape[1])[None], attention_mask=None)
@@ -253,7 +253,7 @@ def test_import_continued_pretraining_export_chain(hf_dir):
 
 
 def test_export_without_a_carried_config_needs_hf_config(hf_dir, tmp_path):
-    from megatron_moba.hf_convert import megatron_args, read_hf_config
+    from megatron_moba.hf.convert import megatron_args, read_hf_config
     d = hf_dir
     job = [a for a in mc.TINY if a not in ("--disable-bias-linear", "--untie-embeddings-and-output-weights")]
     for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--num-query-groups", "--normalization"):

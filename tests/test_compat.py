@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from megatron_moba import compat
+from megatron_moba.core import versions as compat
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,7 @@ def test_unsupported_release_is_a_clear_error(reported_version, version):
 
 
 def test_cpu_shims_refuse_an_unsupported_release(reported_version):
-    from megatron_moba import cpu_shim
+    from megatron_moba.training.trainer import compat as cpu_shim
     reported_version("0.20.1")
     for apply in (cpu_shim.apply_cpu_shim, cpu_shim.apply_cpu_optimizer_shim):
         with pytest.raises(compat.UnsupportedMegatronCoreError, match=r"megatron-core 0\.20\.1 is installed.*0\.19\.x"):

@@ -10,14 +10,14 @@ import sys
 import pytest
 
 import megatron_cases as mc
-from megatron_moba.arguments import parse_args
+from megatron_moba.training.arguments import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HANG_TIMEOUT = 300       # seconds; the checked cases finish in a few seconds of CPU
 
 
 def _dataset(prefix, documents):
-    from megatron_moba.preprocess import build_indexed_dataset
+    from megatron_moba.training.preprocess import build_indexed_dataset
     texts = [" ".join(str(1 + (i * 7 + j) % 150) for j in range(40 + i % 9)) for i in range(documents)]
     build_indexed_dataset(iter(texts), str(prefix), "NullTokenizer", vocab_size=200, progress=False)
     return str(prefix)
@@ -76,9 +76,9 @@ def test_empty_validation_split_is_refused_instead_of_hanging(tmp_path):
 
 BUILD = """
 import sys
-from megatron_moba.arguments import parse_args
-from megatron_moba.data import build_datasets
-from megatron_moba.tokenizer import build_tokenizer
+from megatron_moba.training.arguments import parse_args
+from megatron_moba.training.data import build_datasets
+from megatron_moba.training.tokenizer import build_tokenizer
 args = parse_args(sys.argv[1:], world_size=1)
 train, valid, test = build_datasets(args, build_tokenizer("NullTokenizer", None, args.vocab_size))
 print("lengths", len(train), None if valid is None else len(valid), None if test is None else len(test))
@@ -130,9 +130,9 @@ DAMAGE = {
 
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_damaged_dataset_is_refused_naming_the_file(tmp_path, case):
-    from megatron_moba.arguments import parse_args
-    from megatron_moba.data import build_datasets
-    from megatron_moba.tokenizer import build_tokenizer
+    from megatron_moba.training.arguments import parse_args
+    from megatron_moba.training.data import build_datasets
+    from megatron_moba.training.tokenizer import build_tokenizer
     damage, text = DAMAGE[case]
     prefix = _dataset(tmp_path / "data", 30)
     damage(prefix)
@@ -143,8 +143,8 @@ def test_damaged_dataset_is_refused_naming_the_file(tmp_path, case):
 
 
 def test_blend_checks_every_file(tmp_path):
-    from megatron_moba.data import build_datasets
-    from megatron_moba.tokenizer import build_tokenizer
+    from megatron_moba.training.data import build_datasets
+    from megatron_moba.training.tokenizer import build_tokenizer
     good, bad = _dataset(tmp_path / "good", 30), _dataset(tmp_path / "bad", 30)
     _truncate(bad + ".bin", 0.9)
     args = parse_args(_data_argv(good, "--split", "1"), world_size=1)

@@ -58,7 +58,7 @@ def test_export_round_trip_is_exact(hf_model):
 
 
 def test_import_rejects_what_it_cannot_convert(tmp_path):
-    from megatron_moba.hf_convert import read_hf_config
+    from megatron_moba.hf.convert import read_hf_config
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         read_hf_config(str(tmp_path))
     (tmp_path / "config.json").write_text('{"model_type": "gpt2", "num_attention_heads": 2, "hidden_size": 8}')
@@ -99,7 +99,7 @@ def test_hf_moba_cached_decoding_matches_recomputation(hf_model):
 
 
 def test_hf_moba_rejects_padding():
-    from megatron_moba.hf import moba_attention
+    from megatron_moba.hf.attention import moba_attention
 
     class M:
         config = type("C", (), {"moba_chunk_size": 4, "moba_topk": 2})()

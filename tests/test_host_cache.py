@@ -76,7 +76,7 @@ def test_layers_sharing_cu_seqlens_build_the_layout_once(backend, monkeypatch):
 
 
 def test_sbhd_layers_share_one_cu_seqlens_tensor():
-    from megatron_moba.layouts import to_varlen
+    from megatron_moba.core.layouts import to_varlen
     x = torch.zeros(8, 2, 4, 16)
     assert to_varlen(x, x, x).cu_seqlens is to_varlen(x.clone(), x, x).cu_seqlens
     assert to_varlen(x, x, x).cu_seqlens.tolist() == [0, 8, 16]

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 import megatron_cases as mc
-from megatron_moba.arguments import parse_args
+from megatron_moba.training.arguments import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JOB = [sys.executable, "-m", "megatron_moba.pretrain"]
@@ -95,7 +95,7 @@ def test_new_flags_resolve_like_megatron_lm():
 
 def recompute_grads(argv, variants):
     """Loss and gradients of one training step, per recompute variant, from the same weights and batch."""
-    from megatron_moba.training import Trainer
+    from megatron_moba.training.trainer import Trainer
     out = []
     for extra in variants:
         trainer = Trainer(parse_args(list(argv) + list(extra), world_size=1))
@@ -126,7 +126,7 @@ def test_recompute_gives_the_same_loss_and_gradients(base):
 # ---------------------------------------------------------------- fp16 with loss scaling
 
 def fp16_run(argv):
-    from megatron_moba.training import Trainer
+    from megatron_moba.training.trainer import Trainer
     trainer = Trainer(parse_args(list(argv), world_size=1))
     losses = trainer.train()
     main = {str(p.dtype) for g in trainer.optimizer.optimizer.param_groups for p in g["params"]}
@@ -164,7 +164,7 @@ def test_fp16_resume_is_exact_with_the_loss_scale(tmp_path):
 
 def timed_run(argv):
     """Train under a fake clock: each training step lasts 1 s, each save and evaluation 1000 s."""
-    from megatron_moba.training import Trainer, count_parameters
+    from megatron_moba.training.trainer import Trainer, count_parameters
     trainer = Trainer(parse_args(list(argv), world_size=1))
     now = [0.0]
     trainer.clock = lambda: now[0]
@@ -194,7 +194,7 @@ def test_step_time_excludes_saves_and_evaluation_and_consumed_samples_are_logged
 
 
 def parameter_count(argv):
-    from megatron_moba.training import Trainer, count_parameters
+    from megatron_moba.training.trainer import Trainer, count_parameters
     return count_parameters(Trainer(parse_args(list(argv), world_size=mc.dist.get_world_size())).model)
 
 
@@ -231,7 +231,7 @@ def test_job_logs_megatron_info_a_summary_and_no_absent_backend_warnings(tmp_pat
 
 
 def test_exit_duration_saves_and_stops(tmp_path):
-    from megatron_moba.checkpointing import read_latest
+    from megatron_moba.training.checkpointing import read_latest
     ckpt = str(tmp_path / "ckpt")
     losses = mc.run_distributed(mc.run_pretrain, mc.TINY + ["--save", ckpt, "--exit-duration-in-mins", "1e-6"])[0]
     assert len(losses) == 1 and read_latest(ckpt) == 1
@@ -245,7 +245,7 @@ def _start(tmp_path):
 
 
 def test_sigint_saves_and_exits_cleanly(tmp_path):
-    from megatron_moba.checkpointing import read_latest
+    from megatron_moba.training.checkpointing import read_latest
     proc = _start(tmp_path)
     for line in proc.stdout:
         if line.startswith("iteration      3/1000"):

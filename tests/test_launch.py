@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from megatron_moba.arguments import parse_args
+from megatron_moba.training.arguments import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh")) + glob.glob(os.path.join(ROOT, "examples", "slurm", "*.sbatch"))

@@ -45,7 +45,7 @@ def test_moba_covering_all_blocks_equals_full_attention_gpt():
 
 
 def _hybrid_core_outputs():
-    from megatron_moba.attention import FullCoreAttention, MoBACoreAttention
+    from megatron_moba.core.attention import FullCoreAttention, MoBACoreAttention
     model = mc.build_gpt(mc.make_config(num_layers=3, moba_full_attn_layer_list=[1], moba_full_attn_layers=1))
     seen = []
     for layer in model.decoder.layers:
@@ -142,7 +142,7 @@ def test_tensor_and_context_parallel_2x2_match_single_process(reference):
     (dict(moba_backend="flash"), "--moba-backend"),
 ])
 def test_bad_config_names_the_flag(over, flag):
-    from megatron_moba.config import MoBATransformerConfig
+    from megatron_moba.core.config import MoBATransformerConfig
     kw = {k: v for k, v in mc.BASE.items()}
     kw.update(over)
     with pytest.raises(ValueError, match=flag):
@@ -151,7 +151,7 @@ def test_bad_config_names_the_flag(over, flag):
 
 def test_seq_length_must_divide_by_twice_cp():
     from megatron_moba import MoBATransformerConfig, build_moba_gpt
-    from megatron_moba.config import check_seq_length
+    from megatron_moba.core.config import check_seq_length
     cfg = MoBATransformerConfig(**dict(mc.BASE, context_parallel_size=2))
     with pytest.raises(ValueError, match=r"--seq-length \(30\) must be divisible by 2 x --context-parallel-size"):
         build_moba_gpt(cfg, vocab_size=mc.VOCAB, seq_length=30)      # fails before touching parallel state
@@ -159,7 +159,7 @@ def test_seq_length_must_divide_by_twice_cp():
 
 
 def test_context_parallel_rejects_sequences_it_cannot_split():
-    from megatron_moba.context_parallel import cp_token_index
+    from megatron_moba.core.context_parallel import cp_token_index
     with pytest.raises(ValueError, match="divisible by 2 x --context-parallel-size"):
         cp_token_index([0, 12, 18], cp=2, rank=0)
     assert cp_token_index([0, 8, 16], cp=2, rank=1).tolist() == [2, 3, 4, 5, 10, 11, 12, 13]
@@ -169,7 +169,7 @@ def _packed_cp(weights):
     """Packed THD documents under CP=2: each rank's logits at its global tokens."""
     from megatron.core import parallel_state as ps
     from megatron.core.packed_seq_params import PackedSeqParams
-    from megatron_moba.context_parallel import cp_token_index
+    from megatron_moba.core.context_parallel import cp_token_index
     model = mc.build_gpt(mc.make_config())
     mc.load_full_weights(model, weights)
     lens = [12, 4, 16]
@@ -193,7 +193,7 @@ def test_packed_thd_under_context_parallel_matches_single_process(reference):
 def test_spec_choice_without_transformer_engine():
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron_moba import MoBATransformerConfig, get_moba_layer_specs
-    from megatron_moba.attention import FullCoreAttention, MoBACoreAttention
+    from megatron_moba.core.attention import FullCoreAttention, MoBACoreAttention
     cfg = MoBATransformerConfig(**dict(mc.BASE, num_layers=4, moba_full_attn_layers=2))
     specs = get_moba_layer_specs(cfg, use_te=False)
     cores = [s.submodules.self_attention.submodules.core_attention.module for s in specs]

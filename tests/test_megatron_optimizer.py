@@ -84,7 +84,7 @@ def test_optimizer_state_of_the_other_impl_is_a_clear_error(tmp_path):
 def test_optimizer_defaults_follow_cuda(monkeypatch):
     import torch
 
-    from megatron_moba.arguments import parse_args
+    from megatron_moba.training.arguments import parse_args
     cpu = parse_args(mc.TINY, world_size=1)
     assert (cpu.optimizer_impl, cpu.use_distributed_optimizer, cpu.overlap_grad_reduce) == ("torch", False, False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

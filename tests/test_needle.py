@@ -1,4 +1,4 @@
-"""Passkey retrieval (megatron_moba.needle, tools/eval_needle.py): the prompt holds the passkey at the asked
+"""Passkey retrieval (megatron_moba.eval.needle, tools/eval_needle.py): the prompt holds the passkey at the asked
 depth for SentencePiece, HF and NullTokenizer; greedy scoring against oracle, adversarial and copying
 "models"; an end-to-end run on tiny MoBA and full-attention checkpoints; clear errors."""
 import csv
@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import megatron_cases as mc
-from megatron_moba import needle
-from megatron_moba.tokenizer import build_tokenizer
+from megatron_moba.eval import needle
+from megatron_moba.training.tokenizer import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -28,7 +28,7 @@ def tokenizers(tmp_path_factory):
     """One tokenizer of each kind: SentencePiece and byte-level BPE (HF) trained here on a small text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from megatron_moba.preprocess import train_sentencepiece
+    from megatron_moba.training.preprocess import train_sentencepiece
     d = tmp_path_factory.mktemp("tokenizers")
     rng = random.Random(0)
     texts = ["".join(needle.FILLER) * 2 + needle.NEEDLE.format(key=rng.randint(10000, 99999)) + needle.QUESTION
@@ -164,7 +164,7 @@ def test_cli_errors(tmp_path, capsys):
 def _train_and_decode_by_hand(argv, length, depth, keys):
     """Train a checkpoint; then decode each prompt alone, one token at a time through the loaded model
     (the tool's batched decoding must agree)."""
-    from megatron_moba.evaluation import load_for_eval
+    from megatron_moba.eval.checkpoint import load_for_eval
     mc.run_pretrain(argv)
     model, args, tok = load_for_eval(argv[argv.index("--save") + 1], seq_length=length)
     builder, out = needle.PromptBuilder(tok), []

@@ -125,12 +125,12 @@ def test_installed_wheel_imports_outside_the_source_tree(wheel, tmp_path):
     code = textwrap.dedent("""
         import json, sys
         import torch
-        import moba_kernels, moba_kernels.triton_backend, megatron_moba, megatron_moba.attention
+        import moba_kernels, moba_kernels.triton_backend, megatron_moba, megatron_moba.core.attention
         q = torch.randn(1, 64, 2, 16)
         out = moba_kernels.moba_attn(q, q, q, chunk_size=16, topk=2, backend="torch")
         print(json.dumps(dict(
             files=[m.__file__ for m in (moba_kernels, moba_kernels.triton_backend, megatron_moba,
-                                        megatron_moba.attention)],
+                                        megatron_moba.core.attention)],
             editable=[type(f).__module__ for f in sys.meta_path if "editable" in type(f).__module__.lower()],
             backends=moba_kernels.available_backends(torch.device("cpu")),
             shape=list(out.shape), finite=bool(torch.isfinite(out).all()))))

@@ -1,4 +1,4 @@
-"""megatron_moba.positional_loss and tools/eval_positional_loss.py: buckets against per-document losses
+"""megatron_moba.eval.positional_loss and tools/eval_positional_loss.py: buckets against per-document losses
 averaged by hand, short documents left out, trailing loss, a TP=2 checkpoint at TP=1, clear errors."""
 import csv
 import importlib.util
@@ -32,7 +32,7 @@ def _texts(seed=0):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    from megatron_moba.preprocess import build_indexed_dataset
+    from megatron_moba.training.preprocess import build_indexed_dataset
     d = tmp_path_factory.mktemp("pl")
     build_indexed_dataset(_texts(), str(d / "docs"), "NullTokenizer", vocab_size=200, progress=False)
     return d
@@ -50,8 +50,8 @@ def _buckets_and_by_hand(ckpt, prefix):
     on each document alone, averaged here."""
     import torch
 
-    from megatron_moba.evaluation import load_for_eval, token_losses
-    from megatron_moba.positional_loss import evaluate_checkpoint, read_documents
+    from megatron_moba.eval.checkpoint import load_for_eval, token_losses
+    from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
     docs = read_documents(prefix, SEQ + 1)
     result = evaluate_checkpoint(ckpt, docs, WIDTH, TRAIL, micro_batch_size=3)
     model, _, _ = load_for_eval(ckpt)
@@ -82,7 +82,7 @@ def test_buckets_agree_with_per_document_losses(data, checkpoint):
 
 
 def _train_and_evaluate_tp2(argv, prefix):
-    from megatron_moba.positional_loss import evaluate_checkpoint, read_documents
+    from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
     mc.run_pretrain(argv)
     ckpt = argv[argv.index("--save") + 1]
     return evaluate_checkpoint(ckpt, read_documents(prefix, SEQ + 1), WIDTH, TRAIL, tensor_model_parallel_size=2)
@@ -113,7 +113,7 @@ def test_tp2_checkpoint_evaluates_the_same_at_tp1(data, tmp_path):
 def test_bad_inputs_fail_clearly(data, checkpoint, tmp_path, capsys):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megatron_moba.preprocess import build_indexed_dataset
+    from megatron_moba.training.preprocess import build_indexed_dataset
     builder = IndexedDatasetBuilder(str(tmp_path / "empty.bin"), dtype=np.uint16)
     builder.finalize(str(tmp_path / "empty.idx"))
     build_indexed_dataset(iter(["1 2 3", "4 5 6 7"]), str(tmp_path / "short"), "NullTokenizer", vocab_size=200,

@@ -24,7 +24,7 @@ def _tool(*args):
 
 @pytest.fixture(scope="module")
 def spm_model(tmp_path_factory):
-    from megatron_moba.preprocess import train_sentencepiece
+    from megatron_moba.training.preprocess import train_sentencepiece
     d = tmp_path_factory.mktemp("spm")
     return train_sentencepiece(iter(DOCS), str(d / "spm"), 400)
 
@@ -33,7 +33,7 @@ def spm_model(tmp_path_factory):
 def test_preprocess_gives_exactly_the_tokenizer_tokens(tmp_path, spm_model, workers):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_moba.tokenizer import build_tokenizer
+    from megatron_moba.training.tokenizer import build_tokenizer
     _write_jsonl(tmp_path / "in.jsonl", [json.dumps({"text": t, "id": i}) for i, t in enumerate(DOCS)])
     r = _tool("--input", str(tmp_path / "in.jsonl"), "--output-prefix", str(tmp_path / "out"),
               "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", spm_model, "--workers", str(workers))

@@ -1,4 +1,4 @@
-"""tools/scaling_sweep.py and megatron_moba.sweep: the cpu-tiny preset end to end (table, fits, plots,
+"""tools/scaling_sweep.py and megatron_moba.eval.sweep: the cpu-tiny preset end to end (table, fits, plots,
 resume), N against the built model, --print / --slurm, clear errors for bad descriptions."""
 import csv
 import importlib.util
@@ -69,9 +69,9 @@ def test_cpu_tiny_preset_end_to_end_then_resumes(tmp_path):
 
 
 def _count_params(argv):
-    from megatron_moba.arguments import parse_args
-    from megatron_moba.evaluation import build_model
-    from megatron_moba.tokenizer import build_tokenizer
+    from megatron_moba.training.arguments import parse_args
+    from megatron_moba.training.model import build_model
+    from megatron_moba.training.tokenizer import build_tokenizer
     model = build_model(parse_args(argv, world_size=1), build_tokenizer("NullTokenizer", None, 200))
     return sum(p.numel() for name, p in model.named_parameters()
                if "embedding" not in name and "output_layer" not in name)
@@ -89,14 +89,14 @@ SHAPES = [  # extra flags, sweep.non_embedding_params keywords
 
 
 def test_non_embedding_params_match_the_built_model():
-    from megatron_moba.sweep import non_embedding_params
+    from megatron_moba.eval.sweep import non_embedding_params
     for (extra, kw) in SHAPES:
         counted = mc.run_distributed(_count_params, BASE + extra)[0]
         assert non_embedding_params(**{"layernorm": True, **kw}) == counted, (extra, counted)
 
 
 def test_print_gpu_small_and_torchrun():
-    from megatron_moba.arguments import parse_args
+    from megatron_moba.training.arguments import parse_args
     r = _sweep("--preset", "gpu-small", "--print", "--out", "/nonexistent/sweep", "--nproc-per-node", "8")
     assert r.returncode == 0, r.stderr[-3000:]
     cmds = [line.split() for line in r.stdout.splitlines() if line.startswith("torchrun")]
@@ -114,7 +114,7 @@ def test_print_gpu_small_and_torchrun():
 
 
 def _description(tmp_path, **changes):
-    from megatron_moba.preprocess import build_indexed_dataset
+    from megatron_moba.training.preprocess import build_indexed_dataset
     prefix = str(tmp_path / "docs")
     if not os.path.exists(prefix + ".idx"):
         build_indexed_dataset(iter([" ".join(["7"] * 80)] * 3), prefix, "NullTokenizer", vocab_size=50, progress=False)
@@ -171,7 +171,7 @@ def test_bad_descriptions_fail_clearly(tmp_path, capsys, changes, text):
 def test_missing_description_and_empty_table(tmp_path, capsys):
     assert tool.main([str(tmp_path / "none.yaml")]) == 2
     assert "none.yaml: no such sweep description" in capsys.readouterr().err
-    from megatron_moba import sweep
+    from megatron_moba.eval import sweep
     with pytest.raises(ValueError, match="the sweep produced no table rows"):
         sweep.write_table([], str(tmp_path / "t.csv"))
     (tmp_path / "t.csv").write_text(",".join(sweep.TABLE_FIELDS) + "\n")

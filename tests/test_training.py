@@ -28,7 +28,7 @@ def test_resume_is_exact(tmp_path):
 
 
 def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
-    from megatron_moba.checkpointing import read_latest
+    from megatron_moba.training.checkpointing import read_latest
     ckpt = str(tmp_path / "ckpt")
     _run(mc.TINY + ["--save", ckpt, "--exit-interval", "3"])
     msg = mc.run_distributed(mc.crash_during_save, mc.TINY + ["--load", ckpt, "--save", ckpt])[0]
@@ -40,7 +40,7 @@ def test_crash_during_save_keeps_previous_checkpoint(tmp_path):
 
 
 def test_missing_or_corrupted_checkpoint_names_the_path(tmp_path):
-    from megatron_moba.checkpointing import read_latest
+    from megatron_moba.training.checkpointing import read_latest
     with pytest.raises(FileNotFoundError, match=str(tmp_path)):
         read_latest(str(tmp_path))
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("garbage")
@@ -112,7 +112,7 @@ def test_attended_key_count_matches_the_gate():
     """The FLOP count's MoBA key count against the keys the gate really selects."""
     import torch
 
-    from megatron_moba.flops import mean_attended_keys
+    from megatron_moba.training.flops import mean_attended_keys
     from moba_kernels import moba_select_blocks
     s, c = 100, 16
     q, k = torch.randn(1, s, 2, 8), torch.randn(1, s, 2, 8)
@@ -151,7 +151,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     import signal
     import subprocess
     import sys
-    from megatron_moba.checkpointing import read_latest
+    from megatron_moba.training.checkpointing import read_latest
     argv = [a for a in mc.TINY]
     argv[argv.index("--train-iters") + 1] = "1000"
     proc = subprocess.Popen([sys.executable, "-m", "megatron_moba.pretrain", *argv, "--save", str(tmp_path)],
@@ -170,7 +170,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_document_attention_cu_seqlens_and_training():
     import torch
 
-    from megatron_moba.training import document_cu_seqlens
+    from megatron_moba.training.trainer import document_cu_seqlens
     tokens = torch.tensor([[5, 9, 0, 7, 7, 0, 3, 4], [0, 1, 2, 3, 4, 5, 6, 7]])
     assert document_cu_seqlens(tokens, eod=0).tolist() == [0, 3, 6, 8, 9, 16]
     losses = _run(mc.TINY + ["--document-attention"])[0]
@@ -179,7 +179,7 @@ def test_document_attention_cu_seqlens_and_training():
 
 def test_load_equal_to_save_starts_fresh_when_empty(tmp_path):
     """A (re)queued job's first start: --load and --save name the same, still empty, directory."""
-    from megatron_moba.checkpointing import read_latest
+    from megatron_moba.training.checkpointing import read_latest
     ckpt = str(tmp_path / "ckpt")
     losses = _run(mc.TINY + ["--load", ckpt, "--save", ckpt, "--exit-interval", "2"])[0]
     assert len(losses) == 2 and read_latest(ckpt) == 2

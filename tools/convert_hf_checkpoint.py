@@ -17,7 +17,7 @@ import os
 import sys
 from types import SimpleNamespace
 
-# megatron_moba.hf_convert and .parallel (torch, megatron-core) are imported in main, after the
+# megatron_moba.hf.convert and .parallel (torch, megatron-core) are imported in main, after the
 # flags are parsed: `--help` answers without them
 
 
@@ -37,10 +37,10 @@ def main(argv=None):
     if args.direction == "import" and os.path.isdir(args.save) and os.listdir(args.save):
         p.error(f"--save {args.save} is not empty: import into a new or empty directory (importing there would "
                 "replace the latest_checkpointed_iteration.txt of the checkpoints it holds)")
-    from megatron_moba.logs import quiet_absent_backend_warnings
+    from megatron_moba.training.logs import quiet_absent_backend_warnings
     quiet_absent_backend_warnings()
-    from megatron_moba.hf_convert import export_from_checkpoint, import_to_checkpoint
-    from megatron_moba.parallel import initialize_distributed
+    from megatron_moba.hf.convert import export_from_checkpoint, import_to_checkpoint
+    from megatron_moba.training.parallel import initialize_distributed
     initialize_distributed(SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                            context_parallel_size=1, seed=0))
     try:

@@ -22,10 +22,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_moba.logs import quiet_absent_backend_warnings  # noqa: E402  (light: no torch)
+from megatron_moba.training.logs import quiet_absent_backend_warnings  # noqa: E402  (light: no torch)
 
 quiet_absent_backend_warnings()
-# megatron_moba.needle and the model code (torch, megatron-core) are imported once the flags are
+# megatron_moba.eval.needle and the model code (torch, megatron-core) are imported once the flags are
 # parsed: `--help` answers without them
 
 
@@ -50,8 +50,8 @@ def parse(argv):
 
 def check(args) -> list:
     """Flag checks before any model is built; returns each checkpoint's saved flags."""
-    from megatron_moba import needle
-    from megatron_moba.evaluation import saved_args
+    from megatron_moba.eval import needle
+    from megatron_moba.eval.checkpoint import saved_args
     if args.labels is not None and len(args.labels) != len(args.load):
         raise ValueError(f"--labels has {len(args.labels)} names for {len(args.load)} --load checkpoints")
     if any(not 0.0 <= d <= 1.0 for d in args.depths):
@@ -76,8 +76,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from megatron_moba import needle
-    from megatron_moba.evaluation import load_for_eval
+    from megatron_moba.eval import needle
+    from megatron_moba.eval.checkpoint import load_for_eval
     labels = args.labels or [os.path.basename(os.path.normpath(p)) for p in args.load]
     passkeys = needle.make_passkeys(args.trials, args.digits, args.seed)
     rows = []

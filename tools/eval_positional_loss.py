@@ -22,10 +22,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_moba.logs import quiet_absent_backend_warnings  # noqa: E402  (light: no torch)
+from megatron_moba.training.logs import quiet_absent_backend_warnings  # noqa: E402  (light: no torch)
 
 quiet_absent_backend_warnings()
-# megatron_moba.positional_loss (torch, megatron-core) is imported once the flags are parsed:
+# megatron_moba.eval.positional_loss (torch, megatron-core) is imported once the flags are parsed:
 # `--help` answers without it
 
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    from megatron_moba import positional_loss as pl
+    from megatron_moba.eval import positional_loss as pl
     labels = args.labels or [pl.default_label(d) for d in args.load]
     try:
         if len(labels) != len(args.load):

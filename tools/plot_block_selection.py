@@ -27,10 +27,10 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_moba.logs import quiet_absent_backend_warnings  # noqa: E402  (light: no torch)
+from megatron_moba.training.logs import quiet_absent_backend_warnings  # noqa: E402  (light: no torch)
 
 quiet_absent_backend_warnings()
-# megatron_moba.block_selection and the model code (torch, megatron-core) are imported once the
+# megatron_moba.eval.block_selection and the model code (torch, megatron-core) are imported once the
 # flags are parsed: `--help` answers without them
 
 
@@ -57,8 +57,8 @@ def parse(argv):
 
 def check(args):
     """Flag checks against the checkpoint's saved flags, before any model is built."""
-    from megatron_moba.evaluation import saved_args
-    from megatron_moba.needle import check_lengths
+    from megatron_moba.eval.checkpoint import saved_args
+    from megatron_moba.eval.needle import check_lengths
     try:
         saved = saved_args(args.load, args.iteration)
     except (FileNotFoundError, ValueError) as e:
@@ -83,8 +83,8 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from megatron_moba import block_selection as bs
-    from megatron_moba.evaluation import load_for_eval
+    from megatron_moba.eval import block_selection as bs
+    from megatron_moba.eval.checkpoint import load_for_eval
     model, margs, tokenizer = load_for_eval(args.load, args.iteration, seq_length=eval_seq_length)
     try:
         tokens, what = bs.input_tokens(tokenizer, length, args.text_file, args.data_path, args.doc, args.seed)

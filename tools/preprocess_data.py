@@ -23,7 +23,7 @@ import warnings
 warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed",
                         category=UserWarning)
 
-# megatron_moba.preprocess (megatron-core, torch) is imported in main, after the flags are parsed:
+# megatron_moba.training.preprocess (megatron-core, torch) is imported in main, after the flags are parsed:
 # `--help` answers without it
 
 
@@ -44,7 +44,7 @@ def main(argv=None):
                    help="replace existing output files (PREFIX.bin/.idx, and the --tokenizer-model that "
                         "--train-tokenizer writes); they are replaced only if the run succeeds")
     args = p.parse_args(argv)
-    from megatron_moba.preprocess import (build_indexed_dataset, read_hf_dataset, read_jsonl, staging_directory,
+    from megatron_moba.training.preprocess import (build_indexed_dataset, read_hf_dataset, read_jsonl, staging_directory,
                                           train_sentencepiece)
     if args.input_format == "hf" and len(args.input) != 1:
         p.error("--input-format hf takes one dataset directory")

@@ -8,7 +8,7 @@
 Steps: data (built for `stdlib_corpus`), training of every (model, variant) run through
 `python -m megatron_moba.pretrain` (or torchrun with --nproc-per-node > 1; runs whose final
 checkpoint exists are skipped, so a sweep resumes where it stopped), the positional loss of each
-final checkpoint (megatron_moba.positional_loss), then OUT/table.csv (variant, bucket,
+final checkpoint (megatron_moba.eval.positional_loss), then OUT/table.csv (variant, bucket,
 compute_pflops_days, loss, model, non_embedding_params, train_tokens, layers, hidden, ...: the
 input of tools/fit_scaling.py), OUT/positional_loss.png, and the fits: OUT/fits.json,
 OUT/scaling.png/.pdf.  Compute C = 6·N·D (N non-embedding parameters, D training tokens) in
@@ -46,8 +46,8 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 import fit_scaling  # noqa: E402
 
-from megatron_moba import sweep  # noqa: E402  (no torch: positional_loss is imported where it plots)
-from megatron_moba.logs import quiet_absent_backend_warnings  # noqa: E402
+from megatron_moba.eval import sweep  # noqa: E402  (no torch: positional_loss is imported where it plots)
+from megatron_moba.training.logs import quiet_absent_backend_warnings  # noqa: E402
 
 quiet_absent_backend_warnings()
 
@@ -118,7 +118,7 @@ def main(argv=None) -> int:
         sweep.train_locally(runs, desc, sys.executable)
         results = sweep.evaluate_runs(runs, desc, out)
         table = sweep.write_table(sweep.table_rows(runs, results), os.path.join(out, "table.csv"))
-        from megatron_moba.positional_loss import plot_results
+        from megatron_moba.eval.positional_loss import plot_results
         print(f"wrote {table}, {plot_results(results, os.path.join(out, 'positional_loss.png'))}")
         fit(table, out, desc["fit"]["buckets"], desc["fit"]["ratio_at"])
     except (ValueError, FileNotFoundError, RuntimeError) as e:

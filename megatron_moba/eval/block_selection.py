@@ -1,7 +1,7 @@
 """Which key blocks MoBA's gate selects in one layer of a trained model, and how much of full
 attention's probability mass that selection keeps.
 
-    from megatron_moba.block_selection import capture_qkv, select, selection_map, kept_mass
+    from megatron_moba.eval.block_selection import capture_qkv, select, selection_map, kept_mass
     cap = capture_qkv(model, layer=2, tokens=tokens)           # what the layer's core attention receives
     sel = select(cap.q, cap.k, chunk_size=64, topk=3)           # [S, Hq, topk], the kernels' own gate
     grid = selection_map(sel[:, head], chunk_size=64)          # [S, blocks]: FUTURE / SKIPPED / SELECTED / OWN

@@ -1,6 +1,6 @@
 """Passkey (needle-in-a-haystack) retrieval: prompts in token space, greedy scoring, tables, heat maps.
 
-    from megatron_moba.needle import PromptBuilder, model_logits_fn, evaluate
+    from megatron_moba.eval.needle import PromptBuilder, model_logits_fn, evaluate
     builder = PromptBuilder(tokenizer)
     prompt = builder.build(length=4096, depth=0.5, passkey="48213")
     rows = evaluate(model_logits_fn(model, tokenizer.vocab_size), builder, [1024, 4096], [0, 0.5, 1], passkeys)

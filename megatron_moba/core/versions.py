@@ -5,7 +5,7 @@ tested by ``make test``; 0.19.x by ``make test-mcore-latest`` (the megatron test
 megatron-core >= 0.17 ships cp312+ wheels only, and the target installs the wheel's pure-Python
 code with its one C++ extension rebuilt, see .ci/mcore_latest_venv.sh).
 
-``check_megatron_core()`` runs when ``megatron_moba.config`` is imported (every module that builds a
+``check_megatron_core()`` runs when ``megatron_moba.core.config`` is imported (every module that builds a
 model goes through it) and before the CPU shims patch megatron's internals: another release fails
 there with an error naming the installed version and the supported range.
 ``MEGATRON_MOBA_ALLOW_UNSUPPORTED_MCORE=1`` turns that error into a warning (to try a new release;

@@ -1,6 +1,6 @@
 """MoBA as an attention implementation for Hugging Face transformers (inference).
 
-    import megatron_moba.hf                      # registers "moba"
+    import megatron_moba.hf                                # registers "moba" (with transformers installed)
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="moba")
     model.config.moba_chunk_size, model.config.moba_topk = 4096, 12
 
@@ -44,6 +44,7 @@ def moba_attention(module, query, key, value, attention_mask, scaling=None, drop
 
 
 def register() -> None:
+    """Register ``attn_implementation="moba"`` with transformers (``import megatron_moba.hf`` does it)."""
     from transformers import AttentionInterface
     AttentionInterface.register("moba", moba_attention)
     try:   # transformers >= 4.53 builds masks per implementation: MoBA takes the sdpa-style mask
@@ -52,5 +53,3 @@ def register() -> None:
     except ImportError:
         pass
 
-
-register()

@@ -10,19 +10,21 @@ from typing import TYPE_CHECKING, List, Optional
 
 # no torch/megatron imports at module level: `--help` answers before any heavy import
 if TYPE_CHECKING:
-    from .config import MoBATransformerConfig
+    from megatron_moba.core.config import MoBATransformerConfig
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(require_model_flags: bool = True) -> argparse.ArgumentParser:
+    """The job's flags (Megatron-LM's names); ``require_model_flags=False`` makes none required."""
+    required = require_model_flags
     p = argparse.ArgumentParser(prog="moba-pretrain", description="Pretrain a GPT with MoBA attention on megatron-core.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
-    g.add_argument("--num-layers", type=int, required=True)
-    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--num-layers", type=int, required=required)
+    g.add_argument("--hidden-size", type=int, required=required)
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
-    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--num-attention-heads", type=int, required=required)
     g.add_argument("--num-query-groups", type=int, default=None, help="GQA groups (default: one per head)")
-    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--seq-length", type=int, required=required)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
     g.add_argument("--rotary-base", type=int, default=10000)
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data parallel")
-    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--train-iters", type=int, required=required)
     g.add_argument("--lr", type=float, default=3e-4)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
@@ -167,6 +169,11 @@ def _logging_level(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not a logging level (a number, or DEBUG, INFO, WARNING, "
                                          "ERROR, CRITICAL)")
     return level
+
+
+def flag_defaults() -> dict:
+    """Every flag's default, by attribute name (what flags added after a checkpoint was saved take)."""
+    return vars(build_parser(require_model_flags=False).parse_args([]))
 
 
 def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
@@ -328,7 +335,7 @@ def config_from_args(args) -> "MoBATransformerConfig":
     import torch
     import torch.nn.functional as F
 
-    from .config import MoBATransformerConfig
+    from megatron_moba.core.config import MoBATransformerConfig
     # --bf16 with megatron's optimizer: bf16 weights (Float16Module), fp32 main weights in the optimizer.
     # With torch AdamW (no master copy of bf16 weights) weights stay fp32 and megatron's schedules run
     # each micro-batch under torch.autocast(bf16).

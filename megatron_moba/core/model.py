@@ -11,8 +11,8 @@ from typing import Optional
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
-from .config import MoBATransformerConfig, check_seq_length
-from .specs import get_moba_decoder_block_spec
+from megatron_moba.core.config import MoBATransformerConfig, check_seq_length
+from megatron_moba.core.specs import get_moba_decoder_block_spec
 
 
 VOCAB_MULTIPLE = 128

@@ -153,7 +153,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
     state = {"model": model_sd, "rng": _rng_object(rank, world), "iteration": iteration,
              "consumed_samples": consumed_samples, "world_size": world,
              "args": vars(args) if args is not None else None, **(extra or {})}
-    if optimizer is not None:          # megatron_moba.optimizer's interface
+    if optimizer is not None:          # megatron_moba.training.optimizer's interface
         state["optimizer"] = optimizer.sharded_state_dict(model_sd)
         state["optimizer_impl"], state["optimizer_sharding"] = optimizer.impl, optimizer.sharding
     if scheduler is not None:

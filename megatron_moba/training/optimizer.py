@@ -24,7 +24,7 @@ from functools import partial
 import torch
 from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, optim_state_to_sharding_state
 
-from .parallel import clip_grads, finalize_grads
+from megatron_moba.training.parallel import clip_grads, finalize_grads
 
 
 def _decays(name: str, param: torch.Tensor) -> bool:
@@ -139,7 +139,7 @@ class MegatronOptimizer:
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
         if not torch.cuda.is_available():
-            from .cpu_shim import apply_cpu_optimizer_shim
+            from megatron_moba.training.compat import apply_cpu_optimizer_shim
             apply_cpu_optimizer_shim()
         config = model.config
         self.fp16 = bool(getattr(args, "fp16", False))

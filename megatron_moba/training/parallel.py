@@ -29,7 +29,7 @@ def initialize_distributed(args) -> None:
     """Process group from torchrun's environment (or a single local process), then megatron's
     model-parallel groups and seeds."""
     if not torch.cuda.is_available():
-        from .cpu_shim import apply_cpu_shim
+        from megatron_moba.training.compat import apply_cpu_shim
         apply_cpu_shim()
     if not dist.is_initialized():
         if "RANK" not in os.environ:

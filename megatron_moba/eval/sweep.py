@@ -1,7 +1,7 @@
 """Scaling sweeps: one description -> MoBA and full-attention training runs per model size, their
 positional-loss evaluation, and one table of loss against training compute.
 
-    from megatron_moba import sweep
+    from megatron_moba.eval import sweep
     desc = sweep.load_description("examples/sweeps/cpu-tiny.yaml")
     runs = sweep.plan_runs(desc, "runs/sweeps/cpu-tiny")        # one Run per (model size, variant)
     print(sweep.launch_command(runs[0], desc))                 # python -m megatron_moba.pretrain ...
@@ -171,7 +171,7 @@ class Run:
         return 6.0 * self.params * self.tokens / PFLOPS_DAY
 
     def done(self) -> bool:
-        from .checkpointing import LATEST
+        from megatron_moba.training.checkpointing import LATEST
         path = os.path.join(self.checkpoint, LATEST)
         return os.path.isfile(path) and open(path).read().strip() == str(self.train_iters)
 
@@ -182,7 +182,7 @@ def data_paths(desc: dict, out: str) -> dict:
 
 def plan_runs(desc: dict, out: str) -> List[Run]:
     """Every (model, variant) run with its pretraining flags, N and D."""
-    from .arguments import parse_args
+    from megatron_moba.training.arguments import parse_args
     out = os.path.abspath(out)
     data, moba = data_paths(desc, out), desc["moba"]
     s, gb = desc["seq_length"], desc["global_batch"]
@@ -246,7 +246,7 @@ def prepare_data(desc: dict, out: str, write_corpus: Optional[Callable] = None, 
         return
     if all(os.path.exists(p) for p in (paths["train"] + ".idx", paths["eval"] + ".idx", paths["tokenizer_model"])):
         return
-    from .preprocess import build_indexed_dataset, stdlib_corpus, train_sentencepiece
+    from megatron_moba.training.preprocess import build_indexed_dataset, stdlib_corpus, train_sentencepiece
     write_corpus = write_corpus or stdlib_corpus
     corpus = os.path.join(os.path.dirname(paths["train"]), "corpus.jsonl")
     os.makedirs(os.path.dirname(corpus), exist_ok=True)
@@ -324,7 +324,7 @@ def train_locally(runs: List[Run], desc: dict, python: str, log=print) -> None:
 
 def evaluate_runs(runs: List[Run], desc: dict, out: str, log=print) -> list:
     """Positional loss of every run's final checkpoint (cached in RUN/positional_loss.json)."""
-    from .positional_loss import evaluate_checkpoint, read_documents
+    from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
     e, eval_prefix = desc["eval"], data_paths(desc, os.path.abspath(out))["eval"]
     settings = dict(data=eval_prefix, seq_length=desc["seq_length"], bucket_width=e["bucket_width"],
                     trailing_tokens=e["trailing_tokens"], num_docs=e["num_docs"])
@@ -364,7 +364,7 @@ TABLE_FIELDS = ("variant", "bucket", "compute_pflops_days", "loss", "model", "no
 
 def table_rows(runs: List[Run], results: list) -> list:
     """One row per run and bucket (and "all", "last N"), ready for tools/fit_scaling.py."""
-    from .positional_loss import result_rows
+    from megatron_moba.eval.positional_loss import result_rows
     rows = []
     for r, res in zip(runs, results):
         for b in result_rows(res):

@@ -21,14 +21,14 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
-from .checkpointing import check_save_dir, drop_metrics_after, load_checkpoint, save_checkpoint
-from .data import MicroBatches, build_datasets, check_data
-from .evaluation import build_model
-from .flops import flops_per_iteration, memory_gib, peak_tflops
-from .logs import quiet_absent_backend_warnings, setup_logging
-from .optimizer import build_optimizer
-from .parallel import initialize_distributed
-from .tokenizer import build_tokenizer
+from megatron_moba.training.checkpointing import check_save_dir, drop_metrics_after, load_checkpoint, save_checkpoint
+from megatron_moba.training.data import MicroBatches, build_datasets, check_data
+from megatron_moba.training.model import build_model
+from megatron_moba.training.flops import flops_per_iteration, memory_gib, peak_tflops
+from megatron_moba.training.logs import quiet_absent_backend_warnings, setup_logging
+from megatron_moba.training.optimizer import build_optimizer
+from megatron_moba.training.parallel import initialize_distributed
+from megatron_moba.training.tokenizer import build_tokenizer
 
 
 def _log(msg: str) -> None:

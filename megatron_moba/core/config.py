@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from .compat import megatron_core_version
+from megatron_moba.core.versions import megatron_core_version
 
 megatron_core_version()     # an unsupported megatron-core fails here, naming the supported releases
 

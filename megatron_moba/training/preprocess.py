@@ -21,7 +21,7 @@ from typing import Iterator, List, Optional
 import numpy
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from .tokenizer import build_tokenizer
+from megatron_moba.training.tokenizer import build_tokenizer
 
 
 class BadJSONLines(ValueError):

@@ -19,7 +19,7 @@ from typing import Dict, Tuple
 
 import torch
 
-from .model import padded_vocab_size
+from megatron_moba.core.model import padded_vocab_size
 
 def read_hf_config(hf_dir: str) -> dict:
     """The checked Llama config of an HF checkpoint directory (or of a ``config.json`` file)."""
@@ -138,8 +138,8 @@ def hf_import(hf_dir: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
 
 def _build(cfg: dict, extra_flags=(), world_size: int = 1):
     """The megatron model (this process's part) for an HF config, and its parsed flags."""
-    from .arguments import config_from_args, parse_args
-    from .model import build_moba_gpt
+    from megatron_moba.training.arguments import config_from_args, parse_args
+    from megatron_moba.core.model import build_moba_gpt
     flags = megatron_args(cfg) + ["--seq-length", str(cfg["max_position_embeddings"]), "--train-iters", "1",
                                   "--mock-data", "--vocab-size", str(cfg["vocab_size"]), *extra_flags]
     args = parse_args(flags, world_size=world_size)
@@ -153,7 +153,7 @@ def _build(cfg: dict, extra_flags=(), world_size: int = 1):
 def import_to_checkpoint(hf_dir: str, save_dir: str) -> list:
     """HF Llama directory -> megatron dist checkpoint (weights only, iteration 0; loads at any
     TP/PP with ``--load save_dir --finetune``).  Returns the model flags to train with."""
-    from .checkpointing import save_checkpoint
+    from megatron_moba.training.checkpointing import save_checkpoint
     if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
         what = sorted(os.listdir(save_dir))[:5] if os.path.isdir(save_dir) else "a file"
         raise FileExistsError(f"--save {save_dir} is not an empty directory (it holds {what}): importing there "
@@ -218,7 +218,7 @@ def export_from_checkpoint(load_dir: str, out_dir: str, hf_config=None) -> None:
     positions and MoBA settings follow the flags the checkpoint was trained with."""
     from megatron.core import dist_checkpointing
 
-    from .checkpointing import checkpoint_dir, load_checkpoint, read_latest
+    from megatron_moba.training.checkpointing import checkpoint_dir, load_checkpoint, read_latest
     path = checkpoint_dir(load_dir, read_latest(load_dir))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint {path} is missing (named by {load_dir}/latest_checkpointed_iteration.txt)")

@@ -1,6 +1,6 @@
 """LM loss by position within a document, for checkpoints of the training job.
 
-    from megatron_moba.positional_loss import read_documents, evaluate_checkpoint
+    from megatron_moba.eval.positional_loss import read_documents, evaluate_checkpoint
     docs = read_documents("data/eval_text_document", max_tokens=16385, num_docs=256)
     result = evaluate_checkpoint("runs/moba/ckpt", docs, bucket_width=2048, trailing_tokens=2048)
     result["buckets"]   # [{bucket: "0k-2k", start, end, loss, tokens, documents}, ...]
@@ -25,7 +25,7 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from .evaluation import load_for_eval, saved_args, token_losses
+from megatron_moba.eval.checkpoint import load_for_eval, saved_args, token_losses
 
 CSV_FIELDS = ("label", "checkpoint", "variant", "iteration", "seq_length", "kind", "bucket", "start", "end",
               "loss", "tokens", "documents")
@@ -126,7 +126,7 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
                         seq_length: Optional[int] = None, micro_batch_size: int = 1, label: Optional[str] = None,
                         tensor_model_parallel_size: int = 1, progress: bool = False) -> dict:
     """Positional and trailing loss of one checkpoint on ``docs`` (see the module docstring)."""
-    from .tokenizer import build_tokenizer
+    from megatron_moba.training.tokenizer import build_tokenizer
     check_checkpoint(load_dir)
     saved = saved_args(load_dir)
     s = seq_length or saved.seq_length
@@ -163,7 +163,7 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
 
 
 def check_checkpoint(load_dir: str) -> None:
-    from .checkpointing import LATEST
+    from megatron_moba.training.checkpointing import LATEST
     if not os.path.isdir(load_dir):
         raise FileNotFoundError(f"--load {load_dir}: no such checkpoint directory")
     if not os.path.isfile(os.path.join(load_dir, LATEST)):
@@ -171,7 +171,7 @@ def check_checkpoint(load_dir: str) -> None:
 
 
 def _iteration(load_dir: str) -> int:
-    from .checkpointing import read_latest
+    from megatron_moba.training.checkpointing import read_latest
     return read_latest(load_dir)
 
 

@@ -1,6 +1,6 @@
 """Layer specs: megatron-core's GPT layer specs with MoBA in the ``core_attention`` slot.
 
-    from megatron_moba.specs import get_moba_decoder_block_spec
+    from megatron_moba.core.specs import get_moba_decoder_block_spec
     block_spec = get_moba_decoder_block_spec(config)            # config: MoBATransformerConfig
     model = GPTModel(config, block_spec, vocab_size, max_sequence_length)
 
@@ -20,8 +20,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from .attention import FullCoreAttention, MoBACoreAttention
-from .config import MoBATransformerConfig
+from megatron_moba.core.attention import FullCoreAttention, MoBACoreAttention
+from megatron_moba.core.config import MoBATransformerConfig
 
 
 def te_available() -> bool:
@@ -74,7 +74,7 @@ def _with_core_attention(layer_spec: ModuleSpec, module) -> ModuleSpec:
 def get_moba_layer_specs(config: MoBATransformerConfig, use_te: Optional[bool] = None) -> list:
     """One ``TransformerLayer`` spec per layer of the whole model (layer ``i`` is number ``i + 1``)."""
     if not isinstance(config, MoBATransformerConfig):
-        raise TypeError("get_moba_layer_specs needs a MoBATransformerConfig (megatron_moba.config)")
+        raise TypeError("get_moba_layer_specs needs a MoBATransformerConfig (megatron_moba.core.config)")
     if config.multi_latent_attention:
         raise ValueError("MoBA layer specs support standard multi-head/GQA attention, not --multi-latent-attention")
     use_te = te_available() if use_te is None else use_te

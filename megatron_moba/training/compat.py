@@ -46,7 +46,7 @@ import types
 
 import torch
 
-from .compat import megatron_core_version
+from megatron_moba.core.versions import megatron_core_version
 
 _APPLIED = False
 

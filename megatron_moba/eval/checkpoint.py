@@ -1,6 +1,6 @@
 """Load a checkpoint of the training job for evaluation, and score tokens with it.
 
-    from megatron_moba.evaluation import load_for_eval, token_losses
+    from megatron_moba.eval.checkpoint import load_for_eval, token_losses
     model, args, tokenizer = load_for_eval("runs/demo/moba")        # the run's own flags, from the checkpoint
     losses = token_losses(model, tokens)                             # tokens [b, s+1] -> loss [b, s]
 
@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from .checkpointing import checkpoint_dir, read_latest
+from megatron_moba.training.checkpointing import checkpoint_dir, read_latest
 
 
 def saved_args(load_dir: str, iteration: Optional[int] = None) -> argparse.Namespace:
@@ -32,22 +32,9 @@ def saved_args(load_dir: str, iteration: Optional[int] = None) -> argparse.Names
     if not common.get("args"):
         raise ValueError(f"{path} does not record the flags it was trained with (not saved by megatron_moba's "
                          "training job or tools/convert_hf_checkpoint.py)")
-    from .arguments import build_parser
+    from megatron_moba.training.arguments import flag_defaults
     # flags added after the checkpoint was written take their defaults
-    defaults = {a.dest: a.default for a in build_parser()._actions if a.dest != "help"}
-    return argparse.Namespace(**{**defaults, **common["args"]})
-
-
-def build_model(args, tokenizer):
-    """This rank's GPT for the flags ``args`` (sets ``args.padded_vocab_size``)."""
-    from .arguments import config_from_args
-    from .model import build_moba_gpt, padded_vocab_size
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    args.padded_vocab_size = padded_vocab_size(tokenizer.vocab_size, args.tensor_model_parallel_size)
-    return build_moba_gpt(
-        config_from_args(args), args.padded_vocab_size, args.seq_length,
-        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
-        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights).to(device)
+    return argparse.Namespace(**{**flag_defaults(), **common["args"]})
 
 
 def load_for_eval(load_dir: str, iteration: Optional[int] = None, seq_length: Optional[int] = None,
@@ -57,9 +44,9 @@ def load_for_eval(load_dir: str, iteration: Optional[int] = None, seq_length: Op
     ``seq_length`` evaluates at another length than trained (RoPE models); ``overrides`` replace
     saved flags by name, e.g. ``attention="full"`` or ``moba_topk=8`` to probe the trained weights
     with other attention settings."""
-    from .checkpointing import load_checkpoint
-    from .parallel import initialize_distributed
-    from .tokenizer import build_tokenizer
+    from megatron_moba.training.checkpointing import load_checkpoint
+    from megatron_moba.training.parallel import initialize_distributed
+    from megatron_moba.training.tokenizer import build_tokenizer
     args = saved_args(load_dir, iteration)
     for name, value in overrides.items():
         if not hasattr(args, name):
@@ -76,6 +63,7 @@ def load_for_eval(load_dir: str, iteration: Optional[int] = None, seq_length: Op
     args.sequence_parallel = False
     initialize_distributed(args)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    from megatron_moba.training.model import build_model
     model = build_model(args, tokenizer)
     load_checkpoint(load_dir, model, finetune=True, iteration=iteration)
     model.eval()

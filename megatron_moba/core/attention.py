@@ -18,9 +18,9 @@ from moba_kernels import moba_attn_varlen
 from moba_kernels._cache import TensorKeyedCache
 from moba_kernels.api import batch_cu_seqlens
 
-from .config import MoBATransformerConfig
-from .context_parallel import SequenceGather
-from .layouts import from_varlen, to_varlen
+from megatron_moba.core.config import MoBATransformerConfig
+from megatron_moba.core.context_parallel import SequenceGather
+from megatron_moba.core.layouts import from_varlen, to_varlen
 
 
 class _VarlenCoreAttention(MegatronModule):
@@ -85,7 +85,7 @@ class MoBACoreAttention(_VarlenCoreAttention):
 
     def __init__(self, config: MoBATransformerConfig, *args, **kwargs):
         if not isinstance(config, MoBATransformerConfig):
-            raise TypeError("MoBACoreAttention needs a MoBATransformerConfig (megatron_moba.config)")
+            raise TypeError("MoBACoreAttention needs a MoBATransformerConfig (megatron_moba.core.config)")
         super().__init__(config, *args, **kwargs)
 
     def _attend(self, q, k, v, cu_seqlens, max_seqlen, q_positions):

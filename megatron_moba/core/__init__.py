@@ -1,0 +1,8 @@
+"""The megatron-core layer: ``MoBATransformerConfig`` (config), the layer specs that put MoBA in the
+``core_attention`` slot (specs), the core attention modules (attention), the GPT builder (model),
+sbhd/thd <-> varlen conversions (layouts), context-parallel gathering (context_parallel) and the
+supported megatron-core releases (versions).
+
+Imports only megatron-core and ``moba_kernels``' public API; nothing from the training job,
+evaluation or HF packages (tests/test_import_rules.py checks).
+"""
