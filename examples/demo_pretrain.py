@@ -18,9 +18,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from megatron_moba.training.preprocess import build_indexed_dataset, stdlib_corpus, train_sentencepiece  # noqa: E402
+from megatron_moba.training.preprocess import build_indexed_dataset, stdlib_corpus, train_sentencepiece
 
 
 def train(name, data, tok, out, args, extra):

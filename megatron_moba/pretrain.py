@@ -15,6 +15,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)                  # before torch and megatron-core are imported: `--help` is quick
     from megatron_moba.training.logs import quiet_absent_backend_warnings
     quiet_absent_backend_warnings()
+    from megatron_moba.training.compat import apply_patches
+    apply_patches(args.optimizer_impl)       # without CUDA: megatron-core's CPU shims (compat.py)
     import torch.distributed as dist
 
     from megatron_moba.training.trainer import pretrain

@@ -56,3 +56,17 @@ def run_with_grads(fn, inputs, grad_out):
     out = fn(*leaves)
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
     return out.detach(), [g.detach() for g in grads]
+
+
+def assert_error_ratio(out, grads, ref_out, ref_grads, true_out, true_grads, names="qkv", fwd=2.0, bwd=3.0):
+    """flash-attention's low-precision rule: the kernel's error against the truth is at most
+    ``fwd`` x (output) / ``bwd`` x (each gradient) the error of the same-precision PyTorch
+    reference against that truth.  out/grads: the kernel under test; ref_*: the same-precision
+    reference; true_*: the fp64 (or fp32) truth."""
+    checks = [("out", out, ref_out, true_out, fwd)]
+    checks += [(f"d{n}", g, rg, tg, bwd) for n, g, rg, tg in zip(names, grads, ref_grads, true_grads, strict=True)]
+    for name, x, ref, truth, factor in checks:
+        err, ref_err = max_err(x, truth), max_err(ref, truth)
+        ratio = err / ref_err if ref_err > 0 else (math.inf if err > 0 else 0.0)
+        assert err <= factor * ref_err, (f"{name}: error {err:.3e} vs truth is {ratio:.2f}x the reference's "
+                                         f"{ref_err:.3e} (allowed {factor:g}x)")

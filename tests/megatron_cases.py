@@ -1,6 +1,6 @@
 """Helpers for the megatron-core tests: spawn gloo process groups on CPU, build small GPTs,
 load one full set of weights into any TP/PP layout, and run training steps through
-megatron's own pipeline schedules."""
+megatron's own pipeline schedules with the training job's ``forward_step`` and ``finalize_grads``."""
 from __future__ import annotations
 
 import os
@@ -27,7 +27,9 @@ def _worker(rank, world, port, outdir, fn, args, tp, pp, cp):
     torch.set_num_threads(1)
     from megatron.core import parallel_state
 
+    from megatron_moba.training.compat import apply_patches
     from megatron_moba.training.parallel import initialize_distributed
+    apply_patches()                       # each spawned process is an entry point: the CPU shims
     initialize_distributed(SimpleNamespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                            context_parallel_size=cp, seed=0))
     try:
@@ -102,55 +104,47 @@ def full_grads(model) -> dict:
 
 
 def batches(steps, micro, mbs=2, seed=7):
+    """Micro-batches in the training job's format (what megatron's GPTDataset yields): full
+    sequences; production ``forward_step`` takes each CP rank's chunks itself."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (steps, micro, mbs, SEQ + 1), generator=g)
-    return [[dict(tokens=t[:, :-1], labels=t[:, 1:]) for t in step] for step in tokens]
-
-
-def _forward_step(data_iterator, model):
-    b = next(data_iterator)
-    pos = torch.arange(b["tokens"].shape[1])[None].expand(b["tokens"].shape[0], -1)
-    out = model(b["tokens"], pos, attention_mask=None, labels=b["labels"])
-
-    def loss_func(output_tensor):      # (sum, tokens, report): the schedule divides by the token count
-        total = output_tensor.float().sum()
-        tokens = torch.tensor(output_tensor.numel(), dtype=torch.int)
-        return total, tokens, {"lm loss": (total / tokens).detach().clone()}
-    return out, loss_func
+    pos = torch.arange(SEQ)[None].expand(mbs, -1)
+    return [[dict(tokens=t[:, :-1], labels=t[:, 1:], position_ids=pos.clone(),
+                  loss_mask=torch.ones(mbs, SEQ, dtype=torch.float)) for t in step] for step in tokens]
 
 
 def train(config_overrides, full_weights, steps=3, micro=2, lr=1e-2):
-    """Run `steps` optimizer steps through megatron's schedule; returns losses (last stage)
-    and the gradients of the first step.  Under CP, losses and gradients are averaged over
-    the CP group (each rank's loss is the mean over its own tokens), as megatron's DDP does."""
+    """Run `steps` optimizer steps through megatron's schedule with the training job's own
+    ``forward_step`` and gradient reduction (``parallel.finalize_grads``); returns the losses
+    (last stage) and the gradients of the first step.  A step's loss is the masked token mean over
+    its micro-batches and the CP group (the sums production's loss function reports)."""
+    from functools import partial
+
     from megatron.core import parallel_state as ps
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_moba.training.trainer import cp_local_batch
+    from megatron_moba.training.parallel import finalize_grads
+    from megatron_moba.training.tokenizer import build_tokenizer
+    from megatron_moba.training.trainer import forward_step
     config = make_config(**config_overrides)
     model = build_gpt(config)
     load_full_weights(model, full_weights)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     fb = get_forward_backward_func()
+    step_fn = partial(forward_step, eod=build_tokenizer("NullTokenizer", vocab_size=VOCAB).eod,
+                      document_attention=False)                  # as Trainer builds it
     losses, first_grads = [], None
     cp, cp_group = ps.get_context_parallel_world_size(), ps.get_context_parallel_group()
     for step in batches(steps, micro):
-        data = [cp_local_batch(b) for b in step] if cp > 1 else step
         opt.zero_grad()
-        out = fb(forward_step_func=_forward_step, data_iterator=iter(data), model=[model],
+        out = fb(forward_step_func=step_fn, data_iterator=iter(step), model=[model],
                  num_microbatches=micro, seq_length=SEQ // cp, micro_batch_size=2, forward_only=False)
-        for p in model.parameters():   # what megatron's finalize_model_grads / DDP would do
-            if getattr(p, "sequence_parallel", False):
-                dist.all_reduce(p.grad, group=ps.get_tensor_model_parallel_group())
-            if cp > 1:
-                dist.all_reduce(p.grad, group=cp_group)
-                p.grad /= cp
+        finalize_grads(model)
         if ps.is_pipeline_last_stage():
-            loss = torch.stack([o["lm loss"] for o in out]).mean()
+            stats = torch.stack([torch.stack([o["loss_sum"].double(), o["tokens"].double()]) for o in out]).sum(0)
             if cp > 1:
-                dist.all_reduce(loss, group=cp_group)
-                loss /= cp
-            losses.append(loss.item())
+                dist.all_reduce(stats, group=cp_group)
+            losses.append((stats[0] / stats[1]).item())
         if first_grads is None:
             first_grads = full_grads(model)
         opt.step()
@@ -185,7 +179,7 @@ def run_pretrain(argv):
 
 def crash_during_save(argv):
     """Run, with the checkpoint writer failing half-way through the save; report what is left."""
-    from megatron_moba.training.trainer import checkpointing
+    from megatron_moba.training import checkpointing
     real_save = checkpointing.dist_checkpointing.save
 
     def broken_save(state, path, *a, **k):

@@ -45,16 +45,12 @@ def test_bench_training_reports_both_variants(tmp_path):
 
 def test_flex_baseline_computes_the_same_moba_attention():
     """The flex_attention baseline attends exactly MoBA's selection (both block-mask builds)."""
-    import importlib.util
-
     import torch
 
     from moba_kernels import moba_attn
-    spec = importlib.util.spec_from_file_location("bench_attention", os.path.join(ROOT, "tools", "bench_attention.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    from moba_kernels.bench import flex_moba
     g = torch.Generator().manual_seed(0)
     for seqlen, chunk in ((512, 128), (256, 64)):          # BlockMask from the selection / create_block_mask
         q, k, v = (torch.randn(1, seqlen, 2, 32, generator=g) for _ in range(3))   # MHA, seqlen % 128 == 0: what CPU inductor compiles
-        out = bench._flex_moba(q, k, v, chunk, 2)()
+        out = flex_moba(q, k, v, chunk, 2)()
         assert (out - moba_attn(q, k, v, chunk, 2, backend="reference")).abs().max() < 1e-5

@@ -1,9 +1,13 @@
-"""The supported megatron-core releases (megatron_moba/compat.py): the installed one passes, any other
-fails with an error that names it and the supported range, before the CPU shims patch anything."""
+"""The supported megatron-core releases (megatron_moba/core/versions.py): the installed one passes, any
+other fails with an error that names it and the supported range, before the CPU shims patch anything;
+the patches (megatron_moba/training/compat.py) are applied by entry points, never by library code."""
 import os
 import re
+import subprocess
+import sys
 
 import pytest
+import torch
 
 from megatron_moba.core import versions as compat
 
@@ -43,7 +47,7 @@ def test_unsupported_release_is_a_clear_error(reported_version, version):
 
 
 def test_cpu_shims_refuse_an_unsupported_release(reported_version):
-    from megatron_moba.training.trainer import compat as cpu_shim
+    from megatron_moba.training import compat as cpu_shim
     reported_version("0.20.1")
     for apply in (cpu_shim.apply_cpu_shim, cpu_shim.apply_cpu_optimizer_shim):
         with pytest.raises(compat.UnsupportedMegatronCoreError, match=r"megatron-core 0\.20\.1 is installed.*0\.19\.x"):
@@ -61,3 +65,34 @@ def test_setup_py_declares_the_same_range():
     setup_py = open(os.path.join(ROOT, "setup.py"), encoding="utf-8").read()
     declared = re.search(r'"(megatron-core[^"]*)"', setup_py).group(1).replace(" ", "")
     assert declared == compat.REQUIREMENT
+
+
+_UNPATCHED = """
+import sys
+from types import SimpleNamespace
+import torch
+from megatron_moba.training import compat
+assert not torch.cuda.is_available()
+if sys.argv[1] == "initialize_distributed":
+    from megatron_moba.training.parallel import initialize_distributed
+    initialize_distributed(SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                                           context_parallel_size=1, seed=0))
+else:
+    compat.require_cpu_optimizer_shim("--optimizer-impl megatron")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU shims are needed without CUDA only")
+@pytest.mark.parametrize("entry", ["initialize_distributed", "optimizer"])
+def test_library_code_does_not_patch_but_names_apply_patches(entry):
+    """Without the entry point's apply_patches(), library code fails clearly instead of patching megatron."""
+    r = subprocess.run([sys.executable, "-c", _UNPATCHED, entry], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "RuntimeError" in r.stderr and "megatron_moba.training.compat.apply_patches()" in r.stderr, r.stderr[-2000:]
+
+
+def test_apply_patches_reports_what_it_applied():
+    from megatron_moba.training import compat as patches
+    active = patches.apply_patches()           # idempotent: the test session applied them already
+    assert active == ([] if torch.cuda.is_available() else ["cpu_shim", "cpu_optimizer_shim"])
+    assert torch.cuda.is_available() or torch.cuda.current_device() == "cpu"

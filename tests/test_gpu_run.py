@@ -1,9 +1,11 @@
 """benchmarks/gpu_run.sh's stage runner (with a stand-in python: no GPU needed) and
-tools/bench_attention.py's JSON after every measurement, which a stage cut by its timeout keeps."""
-import importlib.util
+tools/bench_attention.py's JSON after every measurement (moba_kernels.bench), which a stage cut by its
+timeout keeps."""
 import json
 import os
+import runpy
 import subprocess
+import sys
 import time
 
 import pytest
@@ -81,15 +83,9 @@ def test_unknown_stage_runs_nothing(tmp_path):
     assert r.returncode == 2 and "unknown stage warp" in r.stderr and log == [] and result is None
 
 
-def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_attention", os.path.join(ROOT, "tools", "bench_attention.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_bench_attention_writes_json_after_every_measurement(tmp_path, monkeypatch):
-    bench = _bench_module()
+    """The tool's command line, run in-process with moba_kernels.bench.measure stood in for."""
+    from moba_kernels import bench
     out = tmp_path / "b.json"
     seen = []
 
@@ -106,9 +102,11 @@ def test_bench_attention_writes_json_after_every_measurement(tmp_path, monkeypat
         return row
 
     monkeypatch.setattr(bench, "measure", measure)
+    tool = os.path.join(ROOT, "tools", "bench_attention.py")
+    monkeypatch.setattr(sys, "argv", [tool, "--seqlens", "256", "--impls", "sdpa,torch,reference", "--modes", "fwd",
+                                      "--device", "cpu", "--out", str(out)])
     with pytest.raises(KeyboardInterrupt):
-        bench.main(["--seqlens", "256", "--impls", "sdpa,torch,reference", "--modes", "fwd", "--device", "cpu",
-                    "--out", str(out)])
+        runpy.run_path(tool, run_name="__main__")
     result = json.loads(out.read_text())
     assert result["complete"] is False and [r["impl"] for r in result["rows"]] == ["sdpa", "torch"]
     assert result["rows"][1]["speedup_vs_sdpa"] == pytest.approx(2.5)
@@ -116,7 +114,7 @@ def test_bench_attention_writes_json_after_every_measurement(tmp_path, monkeypat
 
 
 def test_bench_attention_measure_timeout_is_an_error_row():
-    bench = _bench_module()
+    from moba_kernels import bench
     cfg = dict(impl="sdpa", mode="fwd", seqlen=64, batch=1, heads=1, kv_heads=1, head_dim=16, dtype="fp32",
                chunk_size=16, topk=2, device="cpu", reps=1, threads=1)
     t0 = time.monotonic()

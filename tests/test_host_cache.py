@@ -1,4 +1,4 @@
-"""The host bookkeeping cache (moba_kernels/_cache.py): the layout and query tiles are built
+"""The host bookkeeping cache (moba_kernels/cache.py): the layout and query tiles are built
 once for all layers sharing a cu_seqlens tensor, and never served stale."""
 import gc
 
@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from helpers import cu_from_lens, rand_qkv
-from moba_kernels import moba_attn_varlen
-from moba_kernels._cache import TensorKeyedCache
+from moba_kernels import TensorKeyedCache, batch_cu_seqlens, clear_caches, moba_attn_varlen
 
 
 def _counting_cache():
@@ -108,3 +107,20 @@ def test_steady_state_triton_call_reads_nothing_back_to_the_host(monkeypatch):
         if layer == 0:                                   # the first call builds the layout: the checks see it
             assert reads and ops & syncing
     assert reads == [] and not ops & syncing, (reads, ops & syncing)
+
+
+def test_clear_caches_empties_every_cache():
+    from moba_kernels import _checks, layout
+    from moba_kernels.triton_backend import TILINGS
+    mine, builds, get = _counting_cache()
+    a = torch.tensor([0, 4])
+    get(a)
+    q, k, v = rand_qkv(20, 2, 2, 8)
+    cu = batch_cu_seqlens(2, 10, q.device)
+    moba_attn_varlen(q, k, v, cu, 10, 4, 2, backend="torch")
+    assert len(mine) == 1 and len(layout.LAYOUTS) >= 1 and len(_checks.HOST_VALUES) >= 1
+    assert batch_cu_seqlens(2, 10, q.device) is cu                  # one shared tensor per shape
+    clear_caches()
+    assert len(mine) == len(layout.LAYOUTS) == len(_checks.HOST_VALUES) == len(TILINGS) == 0
+    assert batch_cu_seqlens(2, 10, q.device) is not cu              # the shared tensors too
+    assert get(a) == 2                                              # rebuilt after clearing

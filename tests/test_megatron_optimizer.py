@@ -1,5 +1,5 @@
 """megatron-core's DDP + optimizer (``--optimizer-impl megatron``, the default on CUDA), run on
-CPU through ``cpu_shim.apply_cpu_optimizer_shim``: it trains exactly like torch AdamW at every
+CPU through ``training.compat.apply_cpu_optimizer_shim``: it trains exactly like torch AdamW at every
 layout, its (distributed) optimizer state resumes exactly and reshards, and --bf16 keeps fp32
 main weights."""
 import pytest

@@ -1,10 +1,11 @@
 """tools/scaling_sweep.py and megatron_moba.eval.sweep: the cpu-tiny preset end to end (table, fits, plots,
 resume), N against the built model, --print / --slurm, clear errors for bad descriptions."""
 import csv
-import importlib.util
 import json
 import math
 import os
+import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -17,14 +18,20 @@ import megatron_cases as mc
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOL = os.path.join(ROOT, "tools", "scaling_sweep.py")
-spec = importlib.util.spec_from_file_location("scaling_sweep", TOOL)
-tool = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(tool)
 ENV = dict(os.environ, PYTHONWARNINGS="ignore")
 
 
-def _sweep(*args):
-    return subprocess.run([sys.executable, TOOL, *args], capture_output=True, text=True, env=ENV)
+def _sweep(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "tools/scaling_sweep.py" if cwd == ROOT else TOOL, *args],
+                          capture_output=True, text=True, env=ENV, cwd=cwd)
+
+
+def _tool(monkeypatch, *args) -> int:
+    """tools/scaling_sweep.py ARGS, run as a script in this process; its exit code."""
+    monkeypatch.setattr(sys, "argv", [TOOL, *args])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(TOOL, run_name="__main__")
+    return done.value.code
 
 
 @pytest.mark.slow
@@ -127,10 +134,11 @@ def _description(tmp_path, **changes):
     return str(path)
 
 
-def test_slurm_script_one_task_per_run_skips_finished_runs(tmp_path):
+def test_slurm_script_one_task_per_run_skips_finished_runs(tmp_path, monkeypatch):
     script, out = tmp_path / "sweep.sbatch", tmp_path / "out"
-    assert tool.main([_description(tmp_path), "--out", str(out), "--slurm", str(script)]) == 0
+    assert _tool(monkeypatch, _description(tmp_path), "--out", str(out), "--slurm", str(script)) == 0
     text = script.read_text()
+    assert f"\ncd {shlex.quote(ROOT)}\n" in text                  # the tasks start in the checkout
     assert "#SBATCH --array=0-3" in text and subprocess.run(["bash", "-n", str(script)]).returncode == 0
     if shutil.which("shellcheck"):
         assert subprocess.run(["shellcheck", str(script)]).returncode == 0
@@ -139,6 +147,9 @@ def test_slurm_script_one_task_per_run_skips_finished_runs(tmp_path):
     ckpt = out / "runs" / "L1-H16-moba" / "ckpt"                 # task 0 finished: the task does nothing
     ckpt.mkdir(parents=True)
     (ckpt / "latest_checkpointed_iteration.txt").write_text("3")
+    from megatron_moba.eval import sweep
+    assert [r.done() for r in sweep.plan_runs(sweep.load_description(_description(tmp_path)), str(out))] == \
+        [True, False, False, False]
     done = subprocess.run(["bash", str(script)], env=dict(ENV, SLURM_ARRAY_TASK_ID="0"), capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "L1-H16-moba: done"
     none = subprocess.run(["bash", str(script)], env=dict(ENV, SLURM_ARRAY_TASK_ID="4"), capture_output=True, text=True)
@@ -160,20 +171,28 @@ def test_slurm_script_one_task_per_run_skips_finished_runs(tmp_path):
      "data.train: /nonexistent/x.bin/.idx not found"),
     (dict(data=dict(mock=True, vocab_size=50)), "mock training data needs an eval dataset prefix"),
     (dict(extra_args=["--no-such-flag"]), "run L1-H16-moba: the pretraining job rejects its flags"),
+    (dict(fit=dict(ratio_at=0)), "fit.ratio_at must be a positive number"),
+    (dict(fit=dict(buckets="all")), "fit.buckets must be a list of bucket names"),
 ])
-def test_bad_descriptions_fail_clearly(tmp_path, capsys, changes, text):
-    assert tool.main([_description(tmp_path, **changes), "--out", str(tmp_path / "o"), "--slurm",
-                      str(tmp_path / "s")]) == 2
+def test_bad_descriptions_fail_clearly(tmp_path, capsys, monkeypatch, changes, text):
+    assert _tool(monkeypatch, _description(tmp_path, **changes), "--out", str(tmp_path / "o"), "--slurm",
+                 str(tmp_path / "s")) == 2
     assert text in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "s")
 
 
-def test_missing_description_and_empty_table(tmp_path, capsys):
-    assert tool.main([str(tmp_path / "none.yaml")]) == 2
+def test_missing_description_and_empty_table(tmp_path, capsys, monkeypatch):
+    assert _tool(monkeypatch, str(tmp_path / "none.yaml")) == 2
     assert "none.yaml: no such sweep description" in capsys.readouterr().err
-    from megatron_moba.eval import sweep
+    from megatron_moba.eval import scaling_fit, sweep
     with pytest.raises(ValueError, match="the sweep produced no table rows"):
         sweep.write_table([], str(tmp_path / "t.csv"))
     (tmp_path / "t.csv").write_text(",".join(sweep.TABLE_FIELDS) + "\n")
     with pytest.raises(ValueError, match="the table is empty"):
-        tool.fit(str(tmp_path / "t.csv"), str(tmp_path))
+        scaling_fit.fit_table(str(tmp_path / "t.csv"), str(tmp_path))
+
+
+def test_help_from_any_directory(tmp_path):
+    r = _sweep("--help", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "--preset {cpu-tiny,gpu-small}" in r.stdout and "slurm: {partition, account" in r.stdout

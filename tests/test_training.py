@@ -86,17 +86,14 @@ def test_cli_rejects_contradictions(extra, text, capsys):
 
 def test_training_on_indexed_stdlib_data_reduces_loss(tmp_path):
     """The demo's data path: stdlib sources -> SentencePiece -> .bin/.idx -> GPTDataset -> training."""
-    import importlib.util
     import json
-    spec = importlib.util.spec_from_file_location("demo", os.path.join(os.path.dirname(__file__), "..", "examples",
-                                                                       "demo_pretrain.py"))
-    demo = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(demo)
+
+    from megatron_moba.training.preprocess import build_indexed_dataset, stdlib_corpus, train_sentencepiece
     corpus = str(tmp_path / "corpus.jsonl")
-    assert demo.stdlib_corpus(corpus, 400_000) > 5
+    assert stdlib_corpus(corpus, 400_000) > 5
     texts = lambda: (json.loads(line)["text"] for line in open(corpus))  # noqa: E731
-    tok = demo.train_sentencepiece(texts(), str(tmp_path / "spm"), 512)
-    stats = demo.build_indexed_dataset(texts(), str(tmp_path / "data"), "SentencePieceTokenizer", tok, progress=False)
+    tok = train_sentencepiece(texts(), str(tmp_path / "spm"), 512)
+    stats = build_indexed_dataset(texts(), str(tmp_path / "data"), "SentencePieceTokenizer", tok, progress=False)
     assert stats["tokens"] > 50_000
     argv = [a for a in mc.TINY if a not in ("--mock-data",)]
     argv[argv.index("--vocab-size"):argv.index("--vocab-size") + 2] = []

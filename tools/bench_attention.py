@@ -9,7 +9,8 @@
 Implementations: ``sdpa`` (dense causal, PyTorch's own backend choice), ``sdpa_flash`` and
 ``sdpa_cudnn`` (dense causal pinned to that SDPA backend), ``flex`` (compiled flex_attention with
 a block mask encoding the same MoBA selection), and the MoBA backends (``triton``, ``torch``,
-``reference``; ``triton_atomic`` is ``triton`` with dQ by atomics).  Speedups are against ``sdpa_flash`` when it ran, else ``sdpa``.
+``reference``; ``triton_atomic`` is ``triton`` with dQ by atomics).  Speedups are against ``sdpa_flash``
+when it ran, else ``sdpa``.
 TFLOP/s count only the (query, key) pairs each implementation attends (dense causal for SDPA).
 ``first_call_s`` is the first call's time (Triton compilation and autotuning included).
 
@@ -19,21 +20,16 @@ allocation records) on CPU.  Times are the
 median of --reps runs after one warm-up.  Prints a table and writes JSON with the device,
 the versions and every figure; speedups are against SDPA dense causal from the same run.  The
 JSON is rewritten after every measurement (``"complete": false`` until the last), so a run cut
-short keeps what it measured; ``--measure-timeout`` bounds one measurement.
+short keeps what it measured; ``--measure-timeout`` bounds one measurement.  The measurements are
+moba_kernels.bench's (``run``); this file is the command line.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import time
 
-# torch is imported inside the functions that use it: `--help` answers without it
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}      # --dtype -> torch dtype name
+# the measurements live in moba_kernels.bench, imported once the flags are parsed (it imports torch):
+# `--help` answers without torch
+DTYPES = ("bf16", "fp16", "fp32")      # --dtype (moba_kernels.bench.DTYPES: the torch dtype of each)
 
 
 def parse_args(argv=None):
@@ -46,7 +42,7 @@ def parse_args(argv=None):
     p.add_argument("--heads", type=int, default=4, help="query heads")
     p.add_argument("--kv-heads", type=int, default=None, help="key/value heads (default: --heads)")
     p.add_argument("--head-dim", type=int, default=64)
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     p.add_argument("--impls", default="sdpa,torch,reference",
                    help="comma-separated: sdpa, sdpa_flash, sdpa_cudnn (dense causal baselines), flex, "
@@ -59,7 +55,6 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="JSON file to write (rewritten after every measurement)")
     p.add_argument("--measure-timeout", type=float, default=None,
                    help="seconds one measurement (one subprocess) may take; past it the row records an error")
-    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.kv_heads = args.kv_heads or args.heads
     if args.heads % args.kv_heads:
@@ -67,251 +62,10 @@ def parse_args(argv=None):
     return args
 
 
-def attended_pairs(q, k, chunk, topk):
-    """(query, key) pairs MoBA really computes, summed over batch and heads."""
-    import torch
-
-    from moba_kernels import moba_select_blocks
-    sel = moba_select_blocks(q, k, chunk, topk).long()                 # [B, S, H, topk]
-    seqlen = q.shape[1]
-    pos = torch.arange(seqlen, device=q.device)[None, :, None, None]
-    own = (pos // chunk)
-    full = torch.clamp(seqlen - sel * chunk, max=chunk)                 # keys in each selected block
-    keys = torch.where(sel == own, pos % chunk + 1, full)
-    return int(torch.where(sel >= 0, keys, 0).sum())
-
-
-def _sdpa(q, k, v, backend=None):
-    """Dense causal attention, [B, S, H, D] in and out; GQA through enable_gqa."""
-    import torch.nn.functional as F
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-    gqa = q.shape[2] != k.shape[2]
-    if backend is None:
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa).transpose(1, 2)
-    with sdpa_kernel([getattr(SDPBackend, backend)]):
-        return F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=gqa).transpose(1, 2)
-
-
-def _flex_moba(q, k, v, chunk, topk, block=128):
-    """flex_attention (compiled) with a block mask holding the same MoBA selection as the op.
-
-    The BlockMask is built from the selection directly (no dense [S, S] mask, so 128K fits):
-    a (128-query, 128-key) tile is listed when any query of the tile selected the key's chunk,
-    and mask_mod makes it exact per token."""
-    import torch
-    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
-
-    from moba_kernels import moba_select_blocks
-    b, s, h = q.shape[:3]
-    nb = -(-s // chunk)
-    sel = moba_select_blocks(q.detach(), k.detach(), chunk, topk).long()             # [B, S, H, topk]
-    chosen = torch.zeros(b, h, s, nb + 1, dtype=torch.bool, device=q.device)
-    chosen.scatter_(3, torch.where(sel < 0, nb, sel).permute(0, 2, 1, 3), True)       # [B, H, S, NB+1]
-
-    def mask_mod(bi, hi, qi, ki):
-        return (ki <= qi) & chosen[bi, hi, qi, ki // chunk]
-    if chunk % block or s % block:
-        mask = create_block_mask(mask_mod, b, h, s, s, device=q.device)      # dense: short or unaligned only
-    else:
-        qb = s // block
-        tiles = chosen[..., :nb].view(b, h, qb, block, nb).any(3)                     # [B, H, QB, NB] chunks used
-        tiles = tiles.repeat_interleave(chunk // block, dim=3)                         # [B, H, QB, KVB]
-        kv_num = tiles.sum(-1).to(torch.int32)
-        kv_idx = torch.argsort(tiles.to(torch.int8), dim=-1, descending=True, stable=True).to(torch.int32)
-        mask = BlockMask.from_kv_blocks(kv_num, kv_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(s, s))
-    flex = torch.compile(flex_attention)
-    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-
-    def fn():
-        return flex(qt, kt, vt, block_mask=mask, enable_gqa=q.shape[2] != k.shape[2]).transpose(1, 2)
-    return fn
-
-
-def cpu_peak_bytes(fn) -> int:
-    """Peak of the bytes held by PyTorch's CPU allocator during fn() (above what was held
-    before), from the profiler's allocation records: the CPU analogue of CUDA's
-    max_memory_allocated."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    records = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
-                     if e.name() == "[memory]")
-    held = peak = 0
-    for _, nbytes in records:
-        held += nbytes
-        peak = max(peak, held)
-    return peak
-
-
-def run_worker(cfg: dict) -> dict:
-    import torch
-    if cfg["threads"]:
-        torch.set_num_threads(cfg["threads"])
-    dev = torch.device(cfg["device"])
-    dtype = getattr(torch, DTYPES[cfg["dtype"]])
-    b, s, h, hkv, d = cfg["batch"], cfg["seqlen"], cfg["heads"], cfg["kv_heads"], cfg["head_dim"]
-    backward = cfg["mode"] == "fwdbwd"
-
-    def make(seqlen):
-        g = torch.Generator(device=dev).manual_seed(0)
-        shapes = [(b, seqlen, h, d), (b, seqlen, hkv, d), (b, seqlen, hkv, d), (b, seqlen, h, d)]
-        q, k, v, do = (torch.randn(sh, device=dev, dtype=dtype, generator=g) for sh in shapes)
-        for t in (q, k, v):
-            t.requires_grad_(backward)
-        return q, k, v, do
-
-    def build(q, k, v, do):
-        impl = cfg["impl"]
-        if impl.startswith("sdpa"):
-            backend = {"sdpa": None, "sdpa_flash": "FLASH_ATTENTION", "sdpa_cudnn": "CUDNN_ATTENTION"}[impl]
-
-            def fn():
-                return _sdpa(q, k, v, backend)
-        elif impl == "flex":
-            fn = _flex_moba(q, k, v, cfg["chunk_size"], cfg["topk"])
-        else:
-            from moba_kernels import moba_attn
-            backend = impl
-            if impl == "triton_atomic":          # the Triton backend with dQ by fp32 atomics
-                os.environ["MOBA_TRITON_DQ"], backend = "atomic", "triton"
-
-            def fn():
-                return moba_attn(q, k, v, cfg["chunk_size"], cfg["topk"], backend=backend)
-
-        def step():
-            out = fn()
-            if backward:
-                torch.autograd.grad(out, (q, k, v), do)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-        return step
-
-    # Warm up on a short sequence first: library loading and thread pools must not count as peak memory.
-    build(*make(min(s, 2 * cfg["chunk_size"])))()
-    q, k, v, do = make(s)
-    step = build(q, k, v, do)
-    t0 = time.perf_counter()
-    step()                       # first call at this shape: compilation / autotuning
-    first_call = time.perf_counter() - t0
-    if cfg["impl"].startswith("sdpa"):
-        pairs = b * h * s * (s + 1) // 2
-    else:
-        pairs = attended_pairs(q.detach(), k.detach(), cfg["chunk_size"], cfg["topk"])
-
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        peak = cpu_peak_bytes(step)
-    times = []
-    for _ in range(cfg["reps"]):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    ms = statistics.median(times) * 1e3
-    flops = 4 * d * pairs * (3.5 if backward else 1.0)   # fwd: QK^T and PV; bwd counted as 2.5x fwd
-    return dict(ms=ms, peak_mem_mib=peak / 2**20, attended_pairs=pairs, tflops=flops / (ms * 1e-3) / 1e12,
-                first_call_s=first_call)
-
-
-def measure(cfg: dict, timeout: float = None) -> dict:
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)],
-                              capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return dict(error=f"timeout: more than {timeout:g} s")
-    if proc.returncode != 0:
-        return dict(error=proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def environment(device: str) -> dict:
-    import torch
-    env = dict(torch=torch.__version__, python=platform.python_version(), device=device,
-               host=platform.node(), cpu=platform.processor() or platform.machine(),
-               threads=torch.get_num_threads())
-    if device == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-        env["cuda"] = torch.version.cuda
-    try:
-        import triton
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    return env
-
-
-def add_ratios(rows: list) -> list:
-    """Speedups and memory ratios against the SDPA baseline and the reference rows of the same run
-    (in place; idempotent, so partial writes can call it after every measurement)."""
-    for r in rows:   # ratios against the SDPA baseline of the same run, shape and mode
-        same = [x for x in rows if x["seqlen"] == r["seqlen"] and x["mode"] == r["mode"] and "ms" in x]
-        base = next((x for name in ("sdpa_flash", "sdpa") for x in same if x["impl"] == name), None)
-        if base and "ms" in r:
-            r["baseline"] = base["impl"]
-            r["speedup_vs_sdpa"] = base["ms"] / r["ms"]
-            r["mem_vs_sdpa"] = r["peak_mem_mib"] / base["peak_mem_mib"] if base["peak_mem_mib"] > 0 else None
-            r["tflops_vs_sdpa"] = r["tflops"] / base["tflops"]
-    for r in rows:   # memory against the reference backend, as the foundation issue asks
-        ref = next((x for x in rows if x["impl"] == "reference" and x["seqlen"] == r["seqlen"]
-                    and x["mode"] == r["mode"] and "ms" in x), None)
-        if ref and "ms" in r and ref["peak_mem_mib"] > 0:
-            r["mem_vs_reference"] = r["peak_mem_mib"] / ref["peak_mem_mib"]
-    return rows
-
-
-def write_json(path: str, result: dict) -> None:
-    """Write through a temporary file and a rename: a kill mid-write never leaves half a file."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv=None):
     args = parse_args(argv)
-    if args.worker:
-        print(json.dumps(run_worker(json.loads(args.worker))))
-        return
-    import torch
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    seqlens = [int(x) for x in args.seqlens.split(",")]
-    impls = args.impls.split(",")
-    rows = []
-    env, run_args = environment(device), {k: v for k, v in vars(args).items() if k != "worker"}
-    for s in seqlens:
-        for mode in args.modes.split(","):
-            for impl in impls:
-                if impl == "reference" and s > args.reference_max_seqlen:
-                    continue
-                cfg = dict(impl=impl, mode=mode, seqlen=s, batch=args.batch, heads=args.heads,
-                           kv_heads=args.kv_heads, head_dim=args.head_dim, dtype=args.dtype,
-                           chunk_size=args.chunk_size, topk=args.topk, device=device, reps=args.reps,
-                           threads=args.threads)
-                rows.append({**cfg, **measure(cfg, args.measure_timeout)})
-                print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-                if args.out:     # a run cut short (a stage's timeout) keeps what it measured so far
-                    write_json(args.out, dict(environment=env, args=run_args, rows=add_ratios(rows), complete=False))
-    add_ratios(rows)
-
-    header = f"{'seqlen':>7} {'mode':>7} {'impl':>10} {'ms':>10} {'TFLOP/s':>8} {'vs sdpa':>8} {'peak MiB':>9} {'mem/ref':>8}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        if "error" in r:
-            print(f"{r['seqlen']:>7} {r['mode']:>7} {r['impl']:>10}  error: {r['error']}")
-            continue
-        fmt = lambda key, spec: format(r[key], spec) if r.get(key) is not None else "-"  # noqa: E731
-        print(f"{r['seqlen']:>7} {r['mode']:>7} {r['impl']:>10} {r['ms']:>10.1f} {r['tflops']:>8.3f} "
-              f"{fmt('speedup_vs_sdpa', '>7.2f'):>8} {r['peak_mem_mib']:>9.1f} {fmt('mem_vs_reference', '>7.3f'):>8}")
-    if args.out:
-        write_json(args.out, dict(environment=env, args=run_args, rows=rows, complete=True))
-        print(f"wrote {args.out}")
+    from moba_kernels.bench import run
+    run(args)
 
 
 if __name__ == "__main__":

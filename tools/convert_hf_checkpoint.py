@@ -40,7 +40,9 @@ def main(argv=None):
     from megatron_moba.training.logs import quiet_absent_backend_warnings
     quiet_absent_backend_warnings()
     from megatron_moba.hf.convert import export_from_checkpoint, import_to_checkpoint
+    from megatron_moba.training.compat import apply_patches
     from megatron_moba.training.parallel import initialize_distributed
+    apply_patches("torch")              # without CUDA: megatron-core's CPU shim
     initialize_distributed(SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                            context_parallel_size=1, seed=0))
     try:

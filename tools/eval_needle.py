@@ -21,8 +21,7 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_moba.training.logs import quiet_absent_backend_warnings  # noqa: E402  (light: no torch)
+from megatron_moba.training.logs import quiet_absent_backend_warnings  # light: no torch
 
 quiet_absent_backend_warnings()
 # megatron_moba.eval.needle and the model code (torch, megatron-core) are imported once the flags are
@@ -77,6 +76,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from megatron_moba.eval import needle
+    from megatron_moba.training.compat import apply_patches
+    apply_patches("torch")          # without CUDA: megatron-core's CPU shim
     from megatron_moba.eval.checkpoint import load_for_eval
     labels = args.labels or [os.path.basename(os.path.normpath(p)) for p in args.load]
     passkeys = needle.make_passkeys(args.trials, args.digits, args.seed)

@@ -17,12 +17,10 @@ Checkpoints saved at any TP/PP/CP load at TP=1, or at the TP of `torchrun --npro
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_moba.training.logs import quiet_absent_backend_warnings  # noqa: E402  (light: no torch)
+from megatron_moba.training.logs import quiet_absent_backend_warnings  # light: no torch
 
 quiet_absent_backend_warnings()
 # megatron_moba.eval.positional_loss (torch, megatron-core) is imported once the flags are parsed:
@@ -50,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_moba.training.compat import apply_patches
+    apply_patches("torch")          # without CUDA: megatron-core's CPU shim
     from megatron_moba.eval import positional_loss as pl
     labels = args.labels or [pl.default_label(d) for d in args.load]
     try:

@@ -26,8 +26,7 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from megatron_moba.training.logs import quiet_absent_backend_warnings  # noqa: E402  (light: no torch)
+from megatron_moba.training.logs import quiet_absent_backend_warnings  # light: no torch
 
 quiet_absent_backend_warnings()
 # megatron_moba.eval.block_selection and the model code (torch, megatron-core) are imported once the
@@ -84,6 +83,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from megatron_moba.eval import block_selection as bs
+    from megatron_moba.training.compat import apply_patches
+    apply_patches("torch")          # without CUDA: megatron-core's CPU shim
     from megatron_moba.eval.checkpoint import load_for_eval
     model, margs, tokenizer = load_for_eval(args.load, args.iteration, seq_length=eval_seq_length)
     try:

@@ -34,46 +34,17 @@ The description (YAML or JSON; examples/sweeps/*.yaml):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shlex
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, os.path.join(ROOT, "tools"))
-
-import fit_scaling  # noqa: E402
-
-from megatron_moba.eval import sweep  # noqa: E402  (no torch: positional_loss is imported where it plots)
-from megatron_moba.training.logs import quiet_absent_backend_warnings  # noqa: E402
+from megatron_moba.eval import sweep  # no torch: the evaluation imports it when the runs are trained
+from megatron_moba.training.logs import quiet_absent_backend_warnings
 
 quiet_absent_backend_warnings()
 
-PRESETS = os.path.join(ROOT, "examples", "sweeps")
-
-
-def fit(table: str, out: str, buckets=None, ratio_at=None) -> None:
-    """fit_scaling's fits and plots of the table, restricted to ``buckets``."""
-    points = fit_scaling.read_points(table)
-    if buckets:
-        missing = sorted(set(buckets) - {b for _, b in points})
-        if missing:
-            raise ValueError(f"fit.buckets names {missing}, not in {table} (buckets: {sorted({b for _, b in points})})")
-        points = {k: v for k, v in points.items() if k[1] in buckets}
-    fits = fit_scaling.fit_all(points)
-    with open(os.path.join(out, "fits.json"), "w") as f:
-        json.dump(fits, f, indent=1)
-    for variant, per_bucket in fits.items():
-        for bucket, ft in per_bucket.items():
-            print(f"  {variant:>5} {bucket:>10}: L = {ft['a']:.4g} * C^{ft['b']:.4f}  (R^2 {ft['r2']:.3f}, n {ft['n']})")
-    if ratio_at and "moba" in fits and "full" in fits:
-        for bucket in sorted(set(fits["moba"]) & set(fits["full"])):
-            m, f_ = fits["moba"][bucket], fits["full"][bucket]
-            print(f"  fitted loss ratio moba/full at {ratio_at:g} PFLOP/s-days, {bucket}: "
-                  f"{m['a'] * ratio_at ** m['b'] / (f_['a'] * ratio_at ** f_['b']):.4f}")
-    print(f"wrote {os.path.join(out, 'fits.json')}, " + ", ".join(fit_scaling.plot(points, fits, out)))
+PRESETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "sweeps")
 
 
 def main(argv=None) -> int:
@@ -84,7 +55,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=presets, help="a description from examples/sweeps/")
     p.add_argument("--out", default=None, help="output directory (default: the description's out, or runs/sweeps/NAME)")
     p.add_argument("--print", action="store_true", help="print the training commands and stop")
-    p.add_argument("--slurm", metavar="FILE", help="build the data, write a Slurm array script (one task per run), stop")
+    p.add_argument("--slurm", metavar="FILE",
+                   help="build the data, write a Slurm array script (one task per run), stop")
     p.add_argument("--nproc-per-node", type=int, default=None, help="launch training with torchrun on N processes")
     args = p.parse_args(argv)
     if bool(args.description) == bool(args.preset):
@@ -116,11 +88,9 @@ def main(argv=None) -> int:
             print(f"wrote {args.slurm}: sbatch it, then run this command again without --slurm to evaluate and fit")
             return 0
         sweep.train_locally(runs, desc, sys.executable)
-        results = sweep.evaluate_runs(runs, desc, out)
-        table = sweep.write_table(sweep.table_rows(runs, results), os.path.join(out, "table.csv"))
-        from megatron_moba.eval.positional_loss import plot_results
-        print(f"wrote {table}, {plot_results(results, os.path.join(out, 'positional_loss.png'))}")
-        fit(table, out, desc["fit"]["buckets"], desc["fit"]["ratio_at"])
+        from megatron_moba.training.compat import apply_patches
+        apply_patches("torch")          # the evaluation, without CUDA: megatron-core's CPU shim
+        sweep.summarize(runs, desc, out)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

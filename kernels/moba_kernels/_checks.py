@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import torch
 
-from ._cache import TensorKeyedCache
+from .cache import TensorKeyedCache
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -87,7 +87,7 @@ HOST_VALUES = TensorKeyedCache(size=16)       # cu_seqlens tensor -> its values 
 
 
 def cu_seqlens_values(cu_seqlens: torch.Tensor, total_tokens: int, max_seqlen=None) -> List[int]:
-    """Read ``cu_seqlens`` to the host (once per tensor: see _cache.py), check its values and
+    """Read ``cu_seqlens`` to the host (once per tensor: see cache.py), check its values and
     return them as a list."""
     cu: List[int] = HOST_VALUES.get_or_build((cu_seqlens,), (), cu_seqlens.tolist)
     if cu[0] != 0:

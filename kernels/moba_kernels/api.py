@@ -7,6 +7,7 @@ from typing import Callable, Dict, Optional
 import torch
 
 from . import _checks
+from .cache import register_clearer
 from .gate import select_blocks
 from .layout import block_layout
 from .naive import naive_moba_attn
@@ -79,6 +80,11 @@ BACKENDS: Dict[str, Backend] = {
 AUTO_ORDER = ["triton", "torch"]
 
 
+def backend_names() -> list:
+    """Every backend name ``backend=`` accepts (available here or not)."""
+    return list(BACKENDS)
+
+
 def available_backends(device: Optional[torch.device] = None) -> list:
     """Names of the backends usable on ``device`` (default: the current CUDA device, else CPU)."""
     if device is None:
@@ -147,7 +153,7 @@ def moba_attn_varlen(q, k, v, cu_seqlens, max_seqlen, chunk_size, topk, softmax_
 def batch_cu_seqlens(batch: int, seqlen: int, device: torch.device) -> torch.Tensor:
     """int32 cu_seqlens of ``batch`` sequences of ``seqlen`` tokens: one tensor per shape (outside
     torch.compile tracing), so that every layer's call finds the layout built by the first (see
-    _cache.py).  Do not modify it."""
+    cache.py).  Do not modify it."""
     if torch.compiler.is_compiling():
         return _arange_cu_seqlens(batch, seqlen, device)
     return _shared_cu_seqlens(batch, seqlen, device)
@@ -158,6 +164,7 @@ def _arange_cu_seqlens(batch: int, seqlen: int, device) -> torch.Tensor:
 
 
 _shared_cu_seqlens = functools.lru_cache(maxsize=16)(_arange_cu_seqlens)
+register_clearer(_shared_cu_seqlens.cache_clear)
 
 
 def moba_attn(q, k, v, chunk_size, topk, softmax_scale=None, backend=None):

@@ -12,7 +12,7 @@ from typing import List
 
 import torch
 
-from ._cache import TensorKeyedCache
+from .cache import TensorKeyedCache
 from ._checks import cu_seqlens_values
 
 
@@ -63,6 +63,6 @@ LAYOUTS = TensorKeyedCache(size=8)
 
 def layout_of(cu_seqlens: torch.Tensor, total_tokens: int, chunk_size: int) -> BlockLayout:
     """The block layout of a ``cu_seqlens`` tensor, its values checked; built once per tensor and
-    chunk size while the tensor lives unmodified (every layer reuses it: see _cache.py)."""
+    chunk size while the tensor lives unmodified (every layer reuses it: see cache.py)."""
     return LAYOUTS.get_or_build((cu_seqlens,), (total_tokens, chunk_size), lambda: block_layout(
         cu_seqlens_values(cu_seqlens, total_tokens), chunk_size, cu_seqlens.device))

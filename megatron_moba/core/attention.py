@@ -14,9 +14,7 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from moba_kernels import moba_attn_varlen
-from moba_kernels._cache import TensorKeyedCache
-from moba_kernels.api import batch_cu_seqlens
+from moba_kernels import TensorKeyedCache, batch_cu_seqlens, moba_attn_varlen
 
 from megatron_moba.core.config import MoBATransformerConfig
 from megatron_moba.core.context_parallel import SequenceGather

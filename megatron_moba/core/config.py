@@ -74,9 +74,9 @@ def _check_flags(c: MoBATransformerConfig) -> None:
             raise ValueError(f"--moba-full-attn-layer-list: layer {n!r} is out of range 1..{c.num_layers} "
                              "(layer numbers are 1-based)")
     if c.moba_backend is not None:
-        from moba_kernels.api import BACKENDS
-        if c.moba_backend not in BACKENDS:
-            raise ValueError(f"--moba-backend {c.moba_backend!r} is unknown; choose one of {sorted(BACKENDS)}")
+        from moba_kernels import backend_names
+        if c.moba_backend not in backend_names():
+            raise ValueError(f"--moba-backend {c.moba_backend!r} is unknown; choose one of {sorted(backend_names())}")
     tp, cp = c.tensor_model_parallel_size, c.context_parallel_size
     if c.num_attention_heads % tp:
         raise ValueError(f"--num-attention-heads ({c.num_attention_heads}) must be divisible by "

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from moba_kernels.api import batch_cu_seqlens
+from moba_kernels import batch_cu_seqlens
 
 
 @dataclass

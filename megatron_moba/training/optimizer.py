@@ -19,11 +19,11 @@ for dist_checkpointing.
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 from megatron.core.dist_checkpointing.optimizer import get_param_id_to_sharded_param_map, optim_state_to_sharding_state
 
+from megatron_moba.training.compat import load_optimizer_state, require_cpu_optimizer_shim
 from megatron_moba.training.parallel import clip_grads, finalize_grads
 
 
@@ -96,29 +96,6 @@ class TorchOptimizer:
         """Nothing to do: AdamW updates the model's own fp32 weights."""
 
 
-# megatron-core's distributed optimizer (0.16.1 to 0.19.x alike) over torch's Adam (no TE/apex FusedAdam,
-# e.g. on CPU or in a plain PyTorch install) keeps the Adam step in its param groups, but its param-state loaders then
-# (a) copy every per-parameter state key, "step" included, from a source without it (fully_reshardable:
-# KeyError) or (b) overwrite "step" with the placeholder of the request (dp_reshardable).  On that
-# optimizer instance only: copy the keys present, then restore the step from the loaded param groups.
-
-def _set_present_states(part, model_param, tensors):
-    group_index, group_order = part.model_param_group_index_map[model_param]
-    main_param = part.optimizer.param_groups[group_index]["params"][group_order]
-    destination = {"param": main_param, **part.optimizer.state[main_param]}
-    for key, value in destination.items():
-        if key != "step" and key in tensors:
-            value.copy_(tensors[key])
-
-
-def _restore_adam_step(part, part_state):
-    steps = {g["step"] for g in part_state["optimizer"]["param_groups"] if g.get("step") is not None}
-    if len(steps) == 1:
-        step = float(steps.pop())
-        for st in part.optimizer.state.values():
-            st["step"] = torch.tensor(step, dtype=torch.float32)
-
-
 def _loss_scaling(args) -> dict:
     """--fp16: megatron's loss scaling (static with --loss-scale, else dynamic), as in Megatron-LM."""
     if not getattr(args, "fp16", False):
@@ -138,9 +115,7 @@ class MegatronOptimizer:
                                                finalize_model_grads)
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
-        if not torch.cuda.is_available():
-            from megatron_moba.training.compat import apply_cpu_optimizer_shim
-            apply_cpu_optimizer_shim()
+        require_cpu_optimizer_shim("--optimizer-impl megatron")
         config = model.config
         self.fp16 = bool(getattr(args, "fp16", False))
         if args.bf16 or self.fp16:
@@ -205,19 +180,7 @@ class MegatronOptimizer:
         return self.optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
 
     def load_state_dict(self, state: dict):
-        parts = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-        states = [state] if len(parts) == 1 else [state[i] for i in range(len(parts))]
-        torch_adam = [isinstance(part.optimizer, (torch.optim.Adam, torch.optim.AdamW)) and "param_state" in st
-                      for part, st in zip(parts, states)]
-        for part, fix in zip(parts, torch_adam):
-            if fix:
-                part._set_main_param_and_optimizer_states = partial(_set_present_states, part)
-        with torch.no_grad():             # main-weight shards are views of leaves that require grad
-            self.optimizer.load_state_dict(state)
-        for part, part_state, fix in zip(parts, states, torch_adam):
-            if fix:
-                del part._set_main_param_and_optimizer_states
-                _restore_adam_step(part, part_state)
+        load_optimizer_state(self.optimizer, state)     # compat.py, patch 3 (torch Adam under megatron's)
 
     def reload_model_params(self):
         """Copy freshly loaded model weights into the fp32 main weights."""

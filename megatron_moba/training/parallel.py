@@ -17,6 +17,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
+from megatron_moba.training.compat import require_cpu_shim
+
 
 def free_port() -> int:
     """A free TCP port on the loopback interface (for a local process group)."""
@@ -28,9 +30,7 @@ def free_port() -> int:
 def initialize_distributed(args) -> None:
     """Process group from torchrun's environment (or a single local process), then megatron's
     model-parallel groups and seeds."""
-    if not torch.cuda.is_available():
-        from megatron_moba.training.compat import apply_cpu_shim
-        apply_cpu_shim()
+    require_cpu_shim("initialize_distributed")
     if not dist.is_initialized():
         if "RANK" not in os.environ:
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",

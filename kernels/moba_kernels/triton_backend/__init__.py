@@ -21,7 +21,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .._cache import TensorKeyedCache
+from ..cache import TensorKeyedCache
 from ..layout import layout_of
 from ..ops import register_attention_autograd
 from .tuning import INTERPRET
@@ -88,7 +88,7 @@ TILINGS = TensorKeyedCache(size=8)
 
 def _tiling(q, k, cu_seqlens, chunk_size, q_tok):
     """Block layout, tile sizes, query tiles and the query rows' tokens: built once for all
-    layers that share ``cu_seqlens`` (and ``q_positions``), see _cache.py."""
+    layers that share ``cu_seqlens`` (and ``q_positions``), see cache.py."""
     def build():
         from .tiles import query_tiles
         layout = layout_of(cu_seqlens, k.shape[0], chunk_size)

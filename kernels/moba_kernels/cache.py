@@ -11,12 +11,16 @@ result for as long as the key tensors live unmodified:
 * an entry is dropped as soon as one of its tensors dies (values must not hold the key tensors);
   at most ``size`` are kept (least recently used dropped);
 * tensors that track no version (inference mode) are never cached.
+
+``clear_caches()`` (exported as ``moba_kernels.clear_caches``) empties every cache of the package and
+every ``TensorKeyedCache`` built elsewhere (megatron_moba's context-parallel gathers), e.g. between
+benchmarks or after freeing a model.
 """
 from __future__ import annotations
 
 import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 
@@ -30,10 +34,23 @@ def _identity(tensors: Tuple[Optional[torch.Tensor], ...]):
     return tuple(id(t) for t in tensors), versions
 
 
+_ALL: "weakref.WeakSet[TensorKeyedCache]" = weakref.WeakSet()      # every live cache, for clear_caches()
+_CLEARERS: List[Callable[[], None]] = []                            # other caches of the package
+
+
 class TensorKeyedCache:
+    """A small LRU cache keyed by live tensors (identity and version) plus plain values."""
+
     def __init__(self, size: int = 8):
         self.size = size
         self.entries: "OrderedDict[tuple, tuple]" = OrderedDict()
+        _ALL.add(self)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
 
     def get_or_build(self, tensors: Tuple[Optional[torch.Tensor], ...], extra: tuple, build: Callable[[], Any]):
         ident = _identity(tensors)
@@ -54,3 +71,17 @@ class TensorKeyedCache:
         while len(self.entries) > self.size:
             self.entries.popitem(last=False)
         return value
+
+
+def register_clearer(clear: Callable[[], None]) -> None:
+    """Have ``clear_caches()`` also call ``clear`` (for caches that are not a TensorKeyedCache)."""
+    _CLEARERS.append(clear)
+
+
+def clear_caches() -> None:
+    """Empty every TensorKeyedCache and every registered cache (host values, block layouts, Triton
+    tilings, shared cu_seqlens tensors)."""
+    for cache in list(_ALL):
+        cache.clear()
+    for clear in _CLEARERS:
+        clear()
