@@ -9,14 +9,14 @@ PYTEST_ARGS ?=
 # make test-fast: the op (reference/torch/triton backends, gate, argument checks, layout cache), the
 # megatron layer in one process (MoBA vs full attention, hybrid layers, packed THD), config and flag
 # checks, and the packaging; no multi-process parallelism, training, tool or launch-script tests.
-MEGATRON_ONE_PROCESS := $(addprefix tests/test_megatron_gpt.py::test_,moba_covering_all_blocks_equals_full_attention_gpt \
+MEGATRON_ONE_PROCESS := $(addprefix tests/core/test_megatron_gpt.py::test_,moba_covering_all_blocks_equals_full_attention_gpt \
     hybrid_layers_really_run_full_attention packed_thd_equals_documents_one_by_one bad_config_names_the_flag \
     seq_length_must_divide_by_twice_cp context_parallel_rejects_sequences_it_cannot_split \
     spec_choice_without_transformer_engine)
-FAST_TESTS := tests/test_reference.py tests/test_torch_backend.py tests/test_triton_backend.py tests/test_errors.py \
-    tests/test_host_cache.py tests/test_packaging.py $(MEGATRON_ONE_PROCESS) \
-    tests/test_training.py::test_cli_rejects_contradictions tests/test_launch.py::test_single_node_command_parses_with_the_trainer \
-    $(addprefix tests/test_job_ux.py::test_,help_parses_before_importing_torch_or_megatron \
+FAST_TESTS := tests/kernels/test_reference.py tests/kernels/test_torch_backend.py tests/kernels/test_triton_backend.py tests/kernels/test_errors.py \
+    tests/kernels/test_host_cache.py tests/test_packaging.py tests/test_import_rules.py $(MEGATRON_ONE_PROCESS) \
+    tests/training/test_training.py::test_cli_rejects_contradictions tests/training/test_launch.py::test_single_node_command_parses_with_the_trainer \
+    $(addprefix tests/training/test_job_ux.py::test_,help_parses_before_importing_torch_or_megatron \
       new_flags_reject_contradictions_naming_the_flag new_flags_resolve_like_megatron_lm)
 # (test_triton_backend.py's megatron GPT under context parallelism spawns 2 processes: full tier only)
 FAST_DESELECT := not under_context_parallel
@@ -49,9 +49,9 @@ test-fast: $(STAMP)  ## quick tier: kernels, gate, one-process megatron layers, 
 # make test-mcore-latest: the tests that run megatron-core (models, schedules, DDP/optimizer,
 # dist_checkpointing, datasets) against the newest supported release, 0.19.x, in .venv-mcore-latest
 # (built/reused by .ci/mcore_latest_venv.sh: the cp312 wheel's Python code, helpers_cpp rebuilt for 3.11).
-MCORE_TESTS := tests/test_compat.py tests/test_megatron_gpt.py tests/test_megatron_optimizer.py tests/test_training.py \
-    tests/test_hf_convert.py tests/test_positional_loss.py tests/test_needle.py tests/test_block_selection.py \
-    tests/test_preprocess.py tests/test_data_checks.py tests/test_checkpoint_safety.py tests/test_job_ux.py
+MCORE_TESTS := tests/training/test_compat.py tests/core/test_megatron_gpt.py tests/training/test_megatron_optimizer.py tests/training/test_training.py \
+    tests/hf/test_hf_convert.py tests/eval/test_positional_loss.py tests/eval/test_needle.py tests/eval/test_block_selection.py \
+    tests/training/test_preprocess.py tests/training/test_data_checks.py tests/training/test_checkpoint_safety.py tests/training/test_job_ux.py
 test-mcore-latest:  ## the megatron tests against megatron-core 0.19.x (own venv: .venv-mcore-latest)
 	PYTHON=$(PYTHON) bash .ci/mcore_latest_venv.sh
 	.venv-mcore-latest/bin/python -m pytest -q $(PYTEST_ARGS) $(MCORE_TESTS)
@@ -59,10 +59,10 @@ test-mcore-latest:  ## the megatron tests against megatron-core 0.19.x (own venv
 bench: $(STAMP)  ## attention benchmark on this machine (table + JSON in benchmarks/results/)
 	$(BIN)/python tools/bench_attention.py --out benchmarks/results/bench_attention_$$(uname -n | tr -c 'a-zA-Z0-9\n' _).json
 
-lint: $(STAMP)  ## bash -n and shellcheck on the launch scripts, byte-compile the Python
+lint: $(STAMP)  ## ruff (pyproject.toml's rules) on the Python; bash -n and shellcheck on the launch scripts
 	for f in examples/*.sh examples/slurm/*.sbatch benchmarks/*.sh .ci/run .ci/*.sh; do bash -n "$$f" || exit 1; done
 	shellcheck -x examples/*.sh examples/slurm/*.sbatch benchmarks/*.sh .ci/run .ci/*.sh
-	$(BIN)/python -m compileall -q kernels megatron_moba tools examples tests
+	$(BIN)/ruff check kernels megatron_moba tools examples tests benchmarks setup.py
 
 docker:  ## build the image on NVIDIA's PyTorch container (needs a Docker engine)
 	docker build -f docker/Dockerfile -t megatron-moba:latest .

@@ -51,7 +51,7 @@ setup(
     ],
     entry_points={"console_scripts": ["moba-pretrain = megatron_moba.pretrain:main"]},
     extras_require={
-        "dev": ["pytest>=8", "transformers"],
+        "dev": ["pytest>=8", "transformers", "ruff>=0.15"],      # ruff: `make lint` (config in pyproject.toml)
         "gpu": ["transformer-engine[pytorch]"],
     },
     license="Apache-2.0",

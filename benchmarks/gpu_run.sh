@@ -21,7 +21,7 @@
 #   8k16k  chunk 512/topk 3 at 8K and 16K, GQA and MHA
 #   128k   chunk 512/topk 3 at 128K, GQA      64k  chunk 128/topk 8 at 64K, GQA
 #   1m     chunk 4096/topk 12 at 1M tokens, forward only
-#   aot    tests/test_triton_aot.py (Triton's ahead-of-time compilation for sm_80/sm_90), if present
+#   aot    tests/kernels/test_triton_aot.py (Triton's ahead-of-time compilation for sm_80/sm_90), if present
 # Needs torch with CUDA and triton (NVIDIA's PyTorch containers have both).  The train stage also
 # needs megatron-core: installed from .whl/ when missing (fetch it beforehand where the GPU machine
 # is offline:
@@ -52,8 +52,8 @@ bench() {
 run_one() {
     local stage=$1 gpu=$GPU_RUN_GPU
     case "$stage" in
-        test) "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_backend.py tests/test_torch_backend.py \
-                  tests/test_reference.py tests/test_host_cache.py 2>&1 | tee "$OUT/gpu_tests_$gpu.txt" ;;
+        test) "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_backend.py tests/kernels/test_torch_backend.py \
+                  tests/kernels/test_reference.py tests/kernels/test_host_cache.py 2>&1 | tee "$OUT/gpu_tests_$gpu.txt" ;;
         32k) for kv in 4 16; do
                  bench --kv-heads "$kv" --chunk-size 512 --topk 3 --seqlens 32768 --impls "$IMPLS" \
                      --out "$OUT/bench_attention_${gpu}_bf16_c512k3_32k_kv${kv}.json"
@@ -80,11 +80,11 @@ run_one() {
                  --out "$OUT/bench_attention_${gpu}_bf16_c128k8_64k.json" ;;
         1m) bench --kv-heads 4 --chunk-size 4096 --topk 12 --seqlens 1048576 --modes fwd \
                 --impls sdpa_flash,torch,triton --reps 2 --out "$OUT/bench_attention_${gpu}_bf16_c4096k12_1m.json" ;;
-        aot) if [ ! -f tests/test_triton_aot.py ]; then
-                 echo "aot: tests/test_triton_aot.py not present, nothing to run"
+        aot) if [ ! -f tests/kernels/test_triton_aot.py ]; then
+                 echo "aot: tests/kernels/test_triton_aot.py not present, nothing to run"
                  return 0
              fi
-             env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider tests/test_triton_aot.py 2>&1 \
+             env -u TRITON_INTERPRET "$PY" -m pytest -q -p no:cacheprovider tests/kernels/test_triton_aot.py 2>&1 \
                  | tee "$OUT/gpu_aot_tests_$gpu.txt" ;;
     esac
 }

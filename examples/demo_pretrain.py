@@ -27,7 +27,9 @@ def train(name, data, tok, out, args, extra):
            "--seq-length", "512", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",
            "--moba-chunk-size", "64", "--moba-topk", "3", "--moba-full-attn-layers", "1",
            "--micro-batch-size", "4", "--global-batch-size", "8", "--train-iters", str(args.train_iters),
-           "--lr", "2e-3", "--min-lr", "2e-4", "--lr-warmup-iters", str(min(max(1, args.train_iters // 10), args.train_iters - 1)), "--clip-grad", "1.0", "--seed", "1",
+           "--lr", "2e-3", "--min-lr", "2e-4",
+           "--lr-warmup-iters", str(min(max(1, args.train_iters // 10), args.train_iters - 1)),
+           "--clip-grad", "1.0", "--seed", "1",
            "--data-path", data, "--split", "95,5,0", "--data-cache-path", os.path.join(out, "cache"),
            "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", tok,
            "--log-interval", "10", "--eval-interval", str(args.train_iters // 2), "--eval-iters", "4",
@@ -75,7 +77,7 @@ def main():
     t0 = time.time()
     corpus = os.path.join(args.out, "corpus.jsonl")
     n = stdlib_corpus(corpus, args.corpus_bytes)
-    texts = lambda: (json.loads(line)["text"] for line in open(corpus))  # noqa: E731
+    texts = lambda: (json.loads(line)["text"] for line in open(corpus))
     tok = train_sentencepiece(texts(), os.path.join(args.out, "spm"), args.vocab_size)
     data = os.path.join(args.out, "stdlib")
     stats = build_indexed_dataset(texts(), data, "SentencePieceTokenizer", tok, workers=2, progress=False)

@@ -51,15 +51,15 @@ def main():
     # 3. one long sequence: MoBA vs dense causal attention
     s, c, kk = args.seqlen, args.chunk_size, args.topk
     qb, kb, vb = (torch.randn(1, s, 4, d, requires_grad=True) for _ in range(3))
-    dense = lambda: F.scaled_dot_product_attention(  # noqa: E731
+    dense = lambda: F.scaled_dot_product_attention(
         qb.transpose(1, 2), kb.transpose(1, 2), vb.transpose(1, 2), is_causal=True)
-    moba = lambda: moba_attn(qb, kb, vb, c, kk, backend="torch")  # noqa: E731
+    moba = lambda: moba_attn(qb, kb, vb, c, kk, backend="torch")
     frac = min(1.0, (kk * c) / ((s + 1) / 2))
     print(f"[3] seqlen {s}, 4 heads, head dim 64, chunk {c}, topk {kk} "
           f"(each late query sees <= {kk * c} keys, ~{100 * frac:.0f}% of the causal average)")
     for name, fn in (("dense SDPA", dense), ("MoBA torch", moba)):
-        fwd = timed(lambda: fn())
-        fb = timed(lambda: fn().sum().backward())
+        fwd = timed(fn)
+        fb = timed(lambda fn=fn: fn().sum().backward())
         print(f"    {name:>10}: forward {fwd:8.1f} ms   forward+backward {fb:8.1f} ms")
     print("done: see tools/bench_attention.py for the full benchmark")
 

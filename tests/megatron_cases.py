@@ -50,6 +50,7 @@ def run_distributed(fn, *args, tp=1, pp=1, cp=1, dp=1):
 
 def make_config(**overrides):
     from megatron.core import parallel_state as ps
+
     from megatron_moba.core.config import MoBATransformerConfig
     kw = dict(BASE, tensor_model_parallel_size=ps.get_tensor_model_parallel_world_size(),
               pipeline_model_parallel_size=ps.get_pipeline_model_parallel_world_size(),
@@ -198,6 +199,7 @@ def crash_during_save(argv):
 def assert_cli_rejects(extra, text, capsys):
     """``parse_args(TINY + extra)`` exits with an error message containing ``text``."""
     import pytest
+
     from megatron_moba.training.arguments import parse_args
     with pytest.raises(SystemExit):
         parse_args(TINY + extra, world_size=1)
@@ -218,8 +220,8 @@ def hf_logits_in_megatron(hf_dir, ckpt, tokens, flags=()):
     """Logits of the imported checkpoint (--finetune load) at this run's TP, gathered over the vocabulary."""
     from megatron.core import parallel_state as ps
 
-    from megatron_moba.training.checkpointing import load_checkpoint
     from megatron_moba.hf.convert import _build, read_hf_config
+    from megatron_moba.training.checkpointing import load_checkpoint
     tp = ps.get_tensor_model_parallel_world_size()
     model, _ = _build(read_hf_config(hf_dir), ["--tensor-model-parallel-size", str(tp), *flags],
                       world_size=dist.get_world_size())

@@ -54,7 +54,7 @@ def test_stages_run_in_order_under_their_timeout_and_report_after_each(tmp_path)
         ("test", "ok"), ("32k", "ok"), ("128k", "timeout"), ("64k", "ok")]
     assert result["stages"][2]["exit_code"] == 124 and result["stages"][2]["seconds"] <= 5
     assert wall < 25                                          # the 30 s sleep was cut, the run went on
-    assert "pytest" in log[0] and "tests/test_triton_backend.py" in log[0]
+    assert "pytest" in log[0] and "tests/kernels/test_triton_backend.py" in log[0]
     assert all("--seqlens 32768" in x and "--measure-timeout" in x for x in log[1:3])
     assert "--seqlens 65536" in log[-1]
     outs = sorted(os.listdir(tmp_path / "out"))

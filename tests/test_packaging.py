@@ -82,7 +82,8 @@ def _requires(wheel):
     from packaging.requirements import Requirement
     with zipfile.ZipFile(wheel) as z:
         meta = next(z.read(n).decode() for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-    reqs = [Requirement(line.split(":", 1)[1].strip()) for line in meta.splitlines() if line.startswith("Requires-Dist:")]
+    reqs = [Requirement(line.split(":", 1)[1].strip()) for line in meta.splitlines()
+            if line.startswith("Requires-Dist:")]
     return {r.name: r for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})}
 
 
@@ -98,6 +99,7 @@ def _constraints():
 
 def test_requirements_are_ranges_and_the_constraints_pin_one_tested_set(wheel):
     from importlib.metadata import version as installed
+
     from packaging.version import Version
     reqs, pins = _requires(wheel), _constraints()
     for name in ("torch", "triton", "megatron-core"):

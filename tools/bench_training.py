@@ -81,7 +81,7 @@ def run_variant(args, variant: str) -> dict:
             return dict(variant=variant, error=" | ".join(tail))
         rows = [json.loads(line) for line in open(metrics) if line.strip()]
     steps = [r for r in rows if "step_time_s" in r and r["iteration"] > args.warmup]
-    med = lambda key: statistics.median(r[key] for r in steps) if steps and steps[0].get(key) is not None else None  # noqa: E731
+    med = lambda key: statistics.median(r[key] for r in steps) if steps and steps[0].get(key) is not None else None
     return dict(variant=variant, step_time_s=med("step_time_s"), tokens_per_s=med("tokens_per_s"),
                 tflops_per_device=med("tflops_per_device"), mfu=med("mfu"),
                 peak_memory_gib=max(r["memory_gib"] for r in steps), final_loss=rows[-1]["loss"],

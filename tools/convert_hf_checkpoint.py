@@ -22,7 +22,8 @@ from types import SimpleNamespace
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="direction", required=True)
     imp = sub.add_parser("import", help="HF -> megatron")
     imp.add_argument("--hf-dir", required=True)

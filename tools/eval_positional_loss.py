@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-
 from megatron_moba.training.logs import quiet_absent_backend_warnings  # light: no torch
 
 quiet_absent_backend_warnings()
@@ -75,9 +74,10 @@ def main(argv=None) -> int:
     if dist.is_initialized() and dist.get_rank() != 0:
         return 0
     for r in results:
+        trailing = (f", last {r['trailing_tokens']} positions {r['trailing_loss']:.4f} "
+                    f"({r['trailing_documents']} documents)" if r["trailing_loss"] else "")
         print(f"\n{r['label']} ({r['variant']}, iteration {r['iteration']}, {r['documents']} documents): "
-              f"loss {r['overall_loss']:.4f}" + (f", last {r['trailing_tokens']} positions {r['trailing_loss']:.4f} "
-                                                  f"({r['trailing_documents']} documents)" if r["trailing_loss"] else ""))
+              f"loss {r['overall_loss']:.4f}" + trailing)
         for b in r["buckets"]:
             loss = "-" if b["loss"] is None else f"{b['loss']:.4f}"
             print(f"  {b['bucket']:>12}  loss {loss:>7}  ({b['tokens']} tokens, {b['documents']} documents)")

@@ -28,7 +28,8 @@ warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|a
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True, help="JSONL files, or one HF dataset directory (save_to_disk)")
     p.add_argument("--input-format", choices=["jsonl", "hf"], default="jsonl")
     p.add_argument("--json-key", default="text", help="the text field")
@@ -44,8 +45,13 @@ def main(argv=None):
                    help="replace existing output files (PREFIX.bin/.idx, and the --tokenizer-model that "
                         "--train-tokenizer writes); they are replaced only if the run succeeds")
     args = p.parse_args(argv)
-    from megatron_moba.training.preprocess import (build_indexed_dataset, read_hf_dataset, read_jsonl, staging_directory,
-                                          train_sentencepiece)
+    from megatron_moba.training.preprocess import (
+        build_indexed_dataset,
+        read_hf_dataset,
+        read_jsonl,
+        staging_directory,
+        train_sentencepiece,
+    )
     if args.input_format == "hf" and len(args.input) != 1:
         p.error("--input-format hf takes one dataset directory")
     if args.workers < 1:

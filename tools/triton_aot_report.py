@@ -77,9 +77,10 @@ def main(argv=None) -> int:
         return subprocess.call([sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:])], env=child_env())
 
     import triton
+
     from moba_kernels.triton_backend import aot
     from moba_kernels.triton_backend.tuning import CHUNK_REF, SMEM_LIMIT
-    ints = lambda s: tuple(int(x) for x in s.split(",") if x)          # noqa: E731
+    ints = lambda s: tuple(int(x) for x in s.split(",") if x)
     jobs = aot.jobs(ints(args.arch), ints(args.dims), tuple(args.dtypes.split(",")), ints(args.topk),
                     args.tuned, [k for k in args.kernels.split(",") if k] or None)
     results = compile_all(jobs, args.jobs)

@@ -36,7 +36,7 @@ def _reference(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_tok=None)
 
 
 def _torch(q, k, v, cu_seqlens, chunk_size, topk, softmax_scale, q_tok=None):
-    from . import ops   # registers the custom ops on first use
+    from . import ops  # registers the custom ops on first use
     sel = ops.select_blocks_op(q.detach(), k.detach(), cu_seqlens, chunk_size, topk, q_tok)
     out, _ = ops.torch_fwd_op(q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens, sel,
                               chunk_size, softmax_scale, q_tok)

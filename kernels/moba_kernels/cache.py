@@ -65,7 +65,7 @@ class TensorKeyedCache:
                 return value
             del self.entries[key]
         value = build()
-        drop = lambda _ref, key=key: self.entries.pop(key, None)                    # noqa: E731
+        drop = lambda _ref, key=key: self.entries.pop(key, None)
         refs = tuple(None if t is None else weakref.ref(t, drop) for t in tensors)
         self.entries[key] = (refs, ident[1], value)
         while len(self.entries) > self.size:

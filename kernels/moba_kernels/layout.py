@@ -12,8 +12,8 @@ from typing import List
 
 import torch
 
-from .cache import TensorKeyedCache
 from ._checks import cu_seqlens_values
+from .cache import TensorKeyedCache
 
 
 @dataclass

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from . import torch_backend
 from .gate import select_blocks
-from .layout import layout_of as _layout    # values checked here too: compiled callers cannot read them
+from .layout import layout_of as _layout  # values checked here too: compiled callers cannot read them
 
 
 @torch.library.custom_op("moba_kernels::select_blocks", mutates_args=())

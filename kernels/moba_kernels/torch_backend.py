@@ -96,7 +96,7 @@ def _diag_bwd(dob, qb, kb, vb, ob, lseb, scale):
             ds = p.mul_(torch.matmul(do_[sl], v_[sl].transpose(-1, -2)).sub_(delta[sl])).mul_(scale)
             dq[sl] = torch.matmul(ds, k_[sl])
             dk[sl] = torch.matmul(ds.transpose(-1, -2), q_[sl])
-    unexpand = lambda x: x.view(nb, hkv, g, c, d).sum(2) if g > 1 else x          # noqa: E731
+    unexpand = lambda x: x.view(nb, hkv, g, c, d).sum(2) if g > 1 else x
     return dq.permute(0, 2, 1, 3), unexpand(dk).permute(0, 2, 1, 3), unexpand(dv).permute(0, 2, 1, 3)
 
 

@@ -14,11 +14,10 @@ import torch
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
-from moba_kernels import TensorKeyedCache, batch_cu_seqlens, moba_attn_varlen
-
 from megatron_moba.core.config import MoBATransformerConfig
 from megatron_moba.core.context_parallel import SequenceGather
 from megatron_moba.core.layouts import from_varlen, to_varlen
+from moba_kernels import TensorKeyedCache, batch_cu_seqlens, moba_attn_varlen
 
 
 class _VarlenCoreAttention(MegatronModule):

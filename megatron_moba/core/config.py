@@ -12,7 +12,7 @@ from megatron_moba.core.versions import megatron_core_version
 
 megatron_core_version()     # an unsupported megatron-core fails here, naming the supported releases
 
-from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
+from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402 (after the check)
 
 ATTENTION_CHOICES = ("moba", "full")
 

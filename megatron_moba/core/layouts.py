@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+
 from moba_kernels import batch_cu_seqlens
 
 
@@ -39,7 +40,7 @@ def to_varlen(query, key, value, packed_seq_params=None) -> Varlen:
         max_seqlen = p.max_seqlen_q if p.max_seqlen_q is not None else int((cu[1:] - cu[:-1]).max())
         return Varlen(query, key, value, cu.to(torch.int32), int(max_seqlen), None)
     s, b = query.shape[:2]
-    flat = lambda x: x.transpose(0, 1).reshape(b * s, x.shape[2], x.shape[3])  # noqa: E731
+    flat = lambda x: x.transpose(0, 1).reshape(b * s, x.shape[2], x.shape[3])
     cu = batch_cu_seqlens(b, s, query.device)     # one tensor per shape: the layout is built once per step
     return Varlen(flat(query), flat(key), flat(value), cu, s, (s, b))
 

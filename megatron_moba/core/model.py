@@ -14,7 +14,6 @@ from megatron.core.models.gpt import GPTModel
 from megatron_moba.core.config import MoBATransformerConfig, check_seq_length
 from megatron_moba.core.specs import get_moba_decoder_block_spec
 
-
 VOCAB_MULTIPLE = 128
 
 

@@ -22,7 +22,7 @@ from typing import Optional, Tuple
 
 OLDEST = (0, 16, 1)          # the oldest supported release
 NEWEST_MINOR = (0, 19)       # the newest supported release line: every 0.19.x
-REQUIREMENT = "megatron-core>=0.16.1,<0.20"      # as in setup.py (tests/test_compat.py compares)
+REQUIREMENT = "megatron-core>=0.16.1,<0.20"      # as in setup.py (tests/training/test_compat.py compares)
 SUPPORTED_RANGE = f"0.16.1 to 0.19.x ({REQUIREMENT})"
 ALLOW_ENV = "MEGATRON_MOBA_ALLOW_UNSUPPORTED_MCORE"
 

@@ -143,7 +143,8 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
     if top >= vocab:
         raise ValueError(f"the documents hold token id {top}, outside the vocabulary of {load_dir} ({vocab}): "
                          "were they tokenized with the checkpoint's tokenizer?")
-    model, args, tokenizer = load_for_eval(load_dir, seq_length=s, tensor_model_parallel_size=tensor_model_parallel_size)
+    model, args, tokenizer = load_for_eval(load_dir, seq_length=s,
+                                           tensor_model_parallel_size=tensor_model_parallel_size)
     sums = BucketSums(buckets, s, trailing)
     for _, losses in document_losses(model, docs, s, micro_batch_size, tokenizer.eod, progress):
         sums.add(losses)

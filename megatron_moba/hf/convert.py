@@ -21,6 +21,7 @@ import torch
 
 from megatron_moba.core.model import padded_vocab_size
 
+
 def read_hf_config(hf_dir: str) -> dict:
     """The checked Llama config of an HF checkpoint directory (or of a ``config.json`` file)."""
     path = hf_dir if os.path.isfile(hf_dir) else os.path.join(hf_dir, "config.json")
@@ -138,8 +139,8 @@ def hf_import(hf_dir: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
 
 def _build(cfg: dict, extra_flags=(), world_size: int = 1):
     """The megatron model (this process's part) for an HF config, and its parsed flags."""
-    from megatron_moba.training.arguments import config_from_args, parse_args
     from megatron_moba.core.model import build_moba_gpt
+    from megatron_moba.training.arguments import config_from_args, parse_args
     flags = megatron_args(cfg) + ["--seq-length", str(cfg["max_position_embeddings"]), "--train-iters", "1",
                                   "--mock-data", "--vocab-size", str(cfg["vocab_size"]), *extra_flags]
     args = parse_args(flags, world_size=world_size)

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 def build_parser(require_model_flags: bool = True) -> argparse.ArgumentParser:
     """The job's flags (Megatron-LM's names); ``require_model_flags=False`` makes none required."""
     required = require_model_flags
-    p = argparse.ArgumentParser(prog="moba-pretrain", description="Pretrain a GPT with MoBA attention on megatron-core.",
+    p = argparse.ArgumentParser(prog="moba-pretrain",
+                                description="Pretrain a GPT with MoBA attention on megatron-core.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, required=required)

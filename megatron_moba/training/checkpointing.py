@@ -268,8 +268,8 @@ def _report_overrides(path: str, common: dict, args, optimizer, rng_restored: bo
                   + "\n".join(lines), flush=True)
         else:
             print(f"note: resuming from {path}: the checkpoint's LR/WD schedule is used, not the command line's "
-                  "(pass --override-opt_param-scheduler to use the command line's):\n" + "\n".join(l + " (ignored)"
-                                                                                         for l in lines), flush=True)
+                  "(pass --override-opt_param-scheduler to use the command line's):\n" + "\n".join(
+                      line + " (ignored)" for line in lines), flush=True)
     saved_args = common.get("args") or {}
     ignored = []
     if optimizer is not None:      # torch/megatron optimizers restore betas and eps with their state

@@ -111,8 +111,11 @@ class MegatronOptimizer:
     impl = "megatron"
 
     def __init__(self, args, model):
-        from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                               finalize_model_grads)
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
         require_cpu_optimizer_shim("--optimizer-impl megatron")

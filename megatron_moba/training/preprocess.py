@@ -104,7 +104,7 @@ def train_sentencepiece(texts: Iterator[str], model_prefix: str, vocab_size: int
             for text in source:
                 seen["documents"] += 1
                 yield text
-        except Exception as e:        # noqa: BLE001 -- re-raised below, after SentencePiece returns
+        except Exception as e:
             seen["error"] = e
     with staging_directory(model_prefix) as tmp:
         tmp_prefix = os.path.join(tmp, "spm")

@@ -23,9 +23,9 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_moba.training.checkpointing import check_save_dir, drop_metrics_after, load_checkpoint, save_checkpoint
 from megatron_moba.training.data import MicroBatches, build_datasets, check_data
-from megatron_moba.training.model import build_model
 from megatron_moba.training.flops import flops_per_iteration, memory_gib, peak_tflops
 from megatron_moba.training.logs import quiet_absent_backend_warnings, setup_logging
+from megatron_moba.training.model import build_model
 from megatron_moba.training.optimizer import build_optimizer
 from megatron_moba.training.parallel import initialize_distributed
 from megatron_moba.training.tokenizer import build_tokenizer

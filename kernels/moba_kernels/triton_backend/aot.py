@@ -3,7 +3,7 @@
 ``compile_kernel`` lowers one kernel with Triton's own compiler and the ``ptxas`` bundled with
 Triton for ``GPUTarget("cuda", arch, 32)`` and reports what the hardware limits depend on:
 registers, spill bytes, shared memory and ptxas performance warnings (C7515 and the like).
-Used by tools/triton_aot_report.py and tests/test_triton_aot.py.
+Used by tools/triton_aot_report.py and tests/kernels/test_triton_aot.py.
 
 Must run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit``): callers start a
 child process with that variable removed (``child_env``).
@@ -15,6 +15,7 @@ import io
 import os
 import re
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from typing import Dict, List, Optional
 
 import torch
@@ -24,7 +25,7 @@ from .tuning import CHUNK_REF, SMEM_LIMIT, configs, fits, smem_bytes
 
 ARCHS = (80, 90)
 # Spill bytes (stores + loads) allowed per kernel at the fixed launch configs, head dims 64-256,
-# gate topk up to 17, both targets (tests/test_triton_aot.py; the full report adds fp16).
+# gate topk up to 17, both targets (tests/kernels/test_triton_aot.py; the full report adds fp16).
 SPILL_BUDGET = {"_block_mean_kernel": 0, "_gate_topk_kernel": 0, "_own_fwd_kernel": 0, "_past_fwd_kernel": 0,
                 "_own_dq_kernel": 0, "_past_dq_kernel": 0, "_dkdv_kernel": 0}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -120,7 +121,8 @@ def compile_kernel(name: str, arch: int, dtype: str, D: int, constexprs: dict, n
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.knobs import nvidia as nv_knobs, compilation
+    from triton.knobs import compilation
+    from triton.knobs import nvidia as nv_knobs
 
     fn = kernels()[name]
     res = Result(name, arch, dtype, D, config, dict(constexprs), num_warps, num_stages, smem_limit=SMEM_LIMIT[arch])
@@ -136,7 +138,7 @@ def compile_kernel(name: str, arch: int, dtype: str, D: int, constexprs: dict, n
     try:
         with contextlib.redirect_stdout(log):
             compiled = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=target, options=options)
-    except Exception as exc:                                                  # noqa: BLE001 - reported, not raised
+    except Exception as exc:
         res.ok, res.error = False, f"{type(exc).__name__}: " + " | ".join(str(exc).strip().splitlines()[-3:])[:400]
         return res
     finally:
@@ -203,6 +205,11 @@ class Job:
         return r
 
 
+def _config_smem(kind: str, D: int, atomic: bool, config) -> int:
+    """Shared memory of one tuning config ``(meta, warps, stages, kept)`` (the largest one is compiled)."""
+    return smem_bytes(kind, D, config[0]["BLOCK_M"], config[0]["BLOCK_N"], config[2], atomic=atomic)
+
+
 def jobs(archs=ARCHS, dims=(64, 128, 256), dtypes=tuple(DTYPES), topks=(3, 8, 17), tuned="all",
          names=None) -> List[Job]:
     """The report's grid: every kernel at its fixed config (the gate at each topk, dK/dV with and
@@ -223,10 +230,9 @@ def jobs(archs=ARCHS, dims=(64, 128, 256), dtypes=tuple(DTYPES), topks=(3, 8, 17
                             continue
                         space = tuning_space(name, D, atomic=v.get("atomic", False))
                         if tuned == "largest":
-                            kind = kernels()[name].tuning["kind"]
-                            size = lambda c: smem_bytes(kind, D, c[0]["BLOCK_M"], c[0]["BLOCK_N"], c[2],  # noqa: E731
-                                                        atomic=v.get("atomic", False))
-                            space = [max((c for c in space if c[3][arch]), key=size)]
+                            kind, atomic = kernels()[name].tuning["kind"], v.get("atomic", False)
+                            space = [max((c for c in space if c[3][arch]),
+                                         key=partial(_config_smem, kind, D, atomic))]
                         for meta, w, s, kept in space:
                             tag = f"tune BLOCK_N={meta['BLOCK_N']} w{w}s{s}" + label[7:]
                             out.append(Job(name, arch, dt, D, tag, meta, w, s, kept[arch]))

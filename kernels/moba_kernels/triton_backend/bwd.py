@@ -206,7 +206,8 @@ def moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale:
         kt_first, blk_end = block_rows(layout, q_tok, cfg.dkdv_n)
         _dkdv_kernel[(layout.num_blocks * hkv, kt_first.shape[1])](
             q, k, v, dout, lse, delta, dk, dv, dq, past.rows, past.group_start, block_start,
-            layout.block_len.to(torch.int32), q_tok.to(torch.int32), kt_first, blk_end, kt_first.shape[1], *qkv, dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            layout.block_len.to(torch.int32), q_tok.to(torch.int32), kt_first, blk_end, kt_first.shape[1], *qkv,
+            dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             qk_scale, softmax_scale, hq, hkv, GROUP=hq // hkv, BLOCK_M=cfg.dkdv_m, D=dim, ATOMIC_DQ=atomic,
             IEEE=ieee, **launch_kwargs(cfg, block_n=False, dkdv=True))
     if atomic:

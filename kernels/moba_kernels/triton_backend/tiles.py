@@ -53,7 +53,7 @@ def query_tiles(layout: BlockLayout, block_m: int, q_tok: torch.Tensor) -> Query
     tok = q_tok[starts]
     seq = layout.token_seq[tok]
     own = layout.token_local_block[tok]
-    i32 = lambda x: x.to(torch.int32).contiguous()                                   # noqa: E731
+    i32 = lambda x: x.to(torch.int32).contiguous()
     return QueryTiles(i32(starts), i32(tok), i32(length), i32(layout.block_start[gblock[starts]]), i32(own),
                       i32(layout.seq_first_block[seq]), int(starts.numel()))
 
@@ -122,6 +122,6 @@ def past_index(sel: torch.Tensor, layout: BlockLayout, q_tok: torch.Tensor, hkv:
     local = t - (ends - ntiles_sm)[sub]
     first = sub_start_sm[sub] + local * block_m
     length = torch.clamp(sub_counts_sm[sub] - local * block_m, max=block_m)
-    i32 = lambda x: x.to(torch.int32).contiguous()                                   # noqa: E731
+    i32 = lambda x: x.to(torch.int32).contiguous()
     return PastIndex(rows, i32(group_start), i32(first), i32(length), i32(sub % ngroups),
                      i32(slot_range), slots if topk > 1 else 0, grid)

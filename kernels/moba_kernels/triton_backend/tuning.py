@@ -3,7 +3,7 @@
 On CUDA the forward, dQ and dK/dV kernels are wrapped in ``triton.autotune`` over at most six
 configs (keys per inner step x warps/pipeline stages; the dK/dV kernel: 8 warps x 1-3 stages),
 less those whose shared memory would exceed the GPU's (``smem_bytes``, an upper bound checked
-against ahead-of-time compiles for sm_80 and sm_90 by tests/test_triton_aot.py); the choice is
+against ahead-of-time compiles for sm_80 and sm_90 by tests/kernels/test_triton_aot.py); the choice is
 made once per key (head dim, chunk size, tile size, GQA group, dtype) and reused.  Kernels that
 read-modify-write a buffer (``ACC``/``LSE``/``DQ``) get it restored between trials.  The first
 call at a new key pays for compiling and timing the configs: tools/bench_attention.py reports it
@@ -36,7 +36,7 @@ def configs(block_n=True, kind="fwd"):
 
 
 def smem_bytes(kind, D, BLOCK_M, BLOCK_N, num_stages, elt=2, atomic=False) -> int:
-    """An upper bound of a launch's shared memory (tests/test_triton_aot.py checks it against
+    """An upper bound of a launch's shared memory (tests/kernels/test_triton_aot.py checks it against
     the compiled kernels on sm_80 and sm_90): the pipelined tiles of every stage plus the
     resident ones.  fwd/dq: q (and dO) resident, a K and a V tile per stage; dkdv: K and V
     resident, q and dO per stage (at least two: sm_90 stages them without pipelining too), the

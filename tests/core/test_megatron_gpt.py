@@ -169,6 +169,7 @@ def _packed_cp(weights):
     """Packed THD documents under CP=2: each rank's logits at its global tokens."""
     from megatron.core import parallel_state as ps
     from megatron.core.packed_seq_params import PackedSeqParams
+
     from megatron_moba.core.context_parallel import cp_token_index
     model = mc.build_gpt(mc.make_config())
     mc.load_full_weights(model, weights)
@@ -192,6 +193,7 @@ def test_packed_thd_under_context_parallel_matches_single_process(reference):
 
 def test_spec_choice_without_transformer_engine():
     from megatron.core.models.gpt import gpt_layer_specs
+
     from megatron_moba import MoBATransformerConfig, get_moba_layer_specs
     from megatron_moba.core.attention import FullCoreAttention, MoBACoreAttention
     cfg = MoBATransformerConfig(**dict(mc.BASE, num_layers=4, moba_full_attn_layers=2))

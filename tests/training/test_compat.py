@@ -11,7 +11,7 @@ import torch
 
 from megatron_moba.core import versions as compat
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 
 import megatron_cases as mc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 SEQ, WIDTH, TRAIL = 64, 16, 8                     # TINY's --seq-length; buckets 0-16 16-32 32-48 48-64
 # token counts -> scored positions: 1 -> none (skipped), 5 -> 4 and 17 -> 16 (bucket 0 only), 20 -> 19 and

@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 
 def _run(script, *args):
@@ -51,6 +51,7 @@ def test_flex_baseline_computes_the_same_moba_attention():
     from moba_kernels.bench import flex_moba
     g = torch.Generator().manual_seed(0)
     for seqlen, chunk in ((512, 128), (256, 64)):          # BlockMask from the selection / create_block_mask
-        q, k, v = (torch.randn(1, seqlen, 2, 32, generator=g) for _ in range(3))   # MHA, seqlen % 128 == 0: what CPU inductor compiles
+        # MHA, seqlen % 128 == 0: what CPU inductor compiles
+        q, k, v = (torch.randn(1, seqlen, 2, 32, generator=g) for _ in range(3))
         out = flex_moba(q, k, v, chunk, 2)()
         assert (out - moba_attn(q, k, v, chunk, 2, backend="reference")).abs().max() < 1e-5

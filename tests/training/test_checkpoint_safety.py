@@ -10,7 +10,7 @@ import torch
 
 import megatron_cases as mc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 ENV = dict(os.environ, PYTHONWARNINGS="ignore")
 
 
@@ -229,7 +229,8 @@ def megatron_logits(load_dir, tokens):
 def test_import_continued_pretraining_export_chain(hf_dir):
     from safetensors.torch import load_file
     d = hf_dir
-    flags = _tool("import", "--hf-dir", str(d / "hf"), "--save", str(d / "mg")).split("--finetune ")[1].splitlines()[0].split()
+    printed = _tool("import", "--hf-dir", str(d / "hf"), "--save", str(d / "mg"))
+    flags = printed.split("--finetune ")[1].splitlines()[0].split()
     job = [a for a in mc.TINY if a not in ("--disable-bias-linear", "--untie-embeddings-and-output-weights")]
     for flag in ("--num-layers", "--hidden-size", "--num-attention-heads", "--num-query-groups", "--normalization"):
         i = job.index(flag)

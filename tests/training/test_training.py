@@ -77,7 +77,8 @@ def test_resume_at_another_layout_reproduces_single_process(start_checkpoint, la
     (["--attention-dropout", "0.1"], "--attention-dropout must be 0 with --attention moba"),
     (["--sequence-parallel"], "--sequence-parallel needs --tensor-model-parallel-size > 1"),
     (["--tokenizer-type", "SentencePieceTokenizer"], "needs --tokenizer-model"),
-    (["--optimizer-impl", "torch", "--use-distributed-optimizer"], "--use-distributed-optimizer needs --optimizer-impl megatron"),
+    (["--optimizer-impl", "torch", "--use-distributed-optimizer"],
+     "--use-distributed-optimizer needs --optimizer-impl megatron"),
     (["--optimizer-impl", "torch", "--overlap-grad-reduce"], "--overlap-grad-reduce needs --optimizer-impl megatron"),
 ])
 def test_cli_rejects_contradictions(extra, text, capsys):
@@ -91,7 +92,7 @@ def test_training_on_indexed_stdlib_data_reduces_loss(tmp_path):
     from megatron_moba.training.preprocess import build_indexed_dataset, stdlib_corpus, train_sentencepiece
     corpus = str(tmp_path / "corpus.jsonl")
     assert stdlib_corpus(corpus, 400_000) > 5
-    texts = lambda: (json.loads(line)["text"] for line in open(corpus))  # noqa: E731
+    texts = lambda: (json.loads(line)["text"] for line in open(corpus))
     tok = train_sentencepiece(texts(), str(tmp_path / "spm"), 512)
     stats = build_indexed_dataset(texts(), str(tmp_path / "data"), "SentencePieceTokenizer", tok, progress=False)
     assert stats["tokens"] > 50_000
@@ -148,6 +149,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     import signal
     import subprocess
     import sys
+
     from megatron_moba.training.checkpointing import read_latest
     argv = [a for a in mc.TINY]
     argv[argv.index("--train-iters") + 1] = "1000"

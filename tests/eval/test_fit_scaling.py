@@ -12,7 +12,7 @@ import pytest
 
 from megatron_moba.eval import scaling_fit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 TOOL = os.path.join(ROOT, "tools", "fit_scaling.py")
 
 

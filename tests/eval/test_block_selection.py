@@ -14,7 +14,7 @@ import megatron_cases as mc
 from megatron_moba.eval import block_selection as bs
 from megatron_moba.training.tokenizer import build_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 
 def _qk(seqlen, hq=4, hkv=2, dim=8, seed=0):
@@ -127,9 +127,8 @@ def checkpoint(tmp_path_factory):
 def _train_and_capture(argv):
     """Train and save; then, for each layer, what the tool captures and the layer's attention recomputed
     from it with the reference backend (MoBA for layer 1, dense causal for the full layer 2)."""
-    from moba_kernels import moba_attn
-
     from megatron_moba.eval.checkpoint import load_for_eval
+    from moba_kernels import moba_attn
     mc.run_pretrain(argv)
     model, args, tok = load_for_eval(argv[argv.index("--save") + 1])
     tokens = torch.randint(0, 200, (64,), generator=torch.Generator().manual_seed(0))

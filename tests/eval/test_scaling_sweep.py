@@ -16,7 +16,7 @@ import yaml
 
 import megatron_cases as mc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 TOOL = os.path.join(ROOT, "tools", "scaling_sweep.py")
 ENV = dict(os.environ, PYTHONWARNINGS="ignore")
 

@@ -12,7 +12,7 @@ import pytest
 import megatron_cases as mc
 from megatron_moba.training.arguments import parse_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 HANG_TIMEOUT = 300       # seconds; the checked cases finish in a few seconds of CPU
 
 

@@ -8,7 +8,7 @@ import sys
 import numpy
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 DOCS = [f"def f{i}(x):\n    return x * {i} + {i % 7}  # document {i} " + "word " * (i % 5) for i in range(120)]
 
 

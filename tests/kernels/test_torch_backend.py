@@ -1,4 +1,6 @@
 """The memory-efficient `torch` backend against the `reference` backend: forward and gradients."""
+from functools import partial
+
 import pytest
 import torch
 
@@ -16,14 +18,18 @@ CASES = [  # (lens, hq, hkv, dim, chunk, topk)
 ]
 
 
+def _varlen(q, k, v, cu, max_seqlen, chunk, topk, backend):
+    return moba_attn_varlen(q, k, v, cu, max_seqlen, chunk, topk, backend=backend)
+
+
 def _both(lens, hq, hkv, dim, chunk, topk, dtype, seed=0):
     q, k, v = rand_qkv(sum(lens), hq, hkv, dim, dtype, seed=seed)
     cu = cu_from_lens(lens)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     results = {}
     for backend, dt in (("torch", dtype), ("reference", dtype), ("truth", torch.float64)):
-        fn = lambda q_, k_, v_: moba_attn_varlen(  # noqa: E731
-            q_, k_, v_, cu, max(lens), chunk, topk, backend="reference" if backend == "truth" else backend)
+        fn = partial(_varlen, cu=cu, max_seqlen=max(lens), chunk=chunk, topk=topk,
+                     backend="reference" if backend == "truth" else backend)
         results[backend] = run_with_grads(fn, [t.to(dt) for t in (q, k, v)], grad)
     return results
 
@@ -53,7 +59,7 @@ def test_low_precision_error_rule(dtype, lens, hq, hkv, dim, chunk, topk):
 def test_gradcheck_float64(backend, lens, hq, hkv, chunk, topk):
     q, k, v = rand_qkv(sum(lens), hq, hkv, 4, torch.float64, seed=9, requires_grad=True)
     cu = cu_from_lens(lens)
-    fn = lambda q_, k_, v_: moba_attn_varlen(q_, k_, v_, cu, max(lens), chunk, topk, backend=backend)  # noqa: E731
+    fn = lambda q_, k_, v_: moba_attn_varlen(q_, k_, v_, cu, max(lens), chunk, topk, backend=backend)
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
 
 
@@ -103,7 +109,7 @@ def test_empty_input():
 def test_torch_compile_sees_custom_ops():
     q, k, v = rand_qkv(48, 4, 2, 16, seed=12, requires_grad=True)
     cu = cu_from_lens([30, 18])
-    fn = lambda q_, k_, v_: moba_attn_varlen(q_, k_, v_, cu, 30, 8, 2, backend="torch")  # noqa: E731
+    fn = lambda q_, k_, v_: moba_attn_varlen(q_, k_, v_, cu, 30, 8, 2, backend="torch")
     eager = fn(q, k, v)
     compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)(q, k, v)
     assert max_err(eager, compiled) < 1e-6
@@ -129,7 +135,7 @@ def test_portable_path_gradcheck(monkeypatch):
     monkeypatch.setattr(torch_backend, "USE_CPU_FLASH", False)
     q, k, v = rand_qkv(14, 4, 2, 4, torch.float64, seed=13, requires_grad=True)
     cu = cu_from_lens([9, 5])
-    fn = lambda q_, k_, v_: moba_attn_varlen(q_, k_, v_, cu, 9, 3, 2, backend="torch")  # noqa: E731
+    fn = lambda q_, k_, v_: moba_attn_varlen(q_, k_, v_, cu, 9, 3, 2, backend="torch")
     assert torch.autograd.gradcheck(fn, (q, k, v), eps=1e-6, atol=1e-6)
 
 

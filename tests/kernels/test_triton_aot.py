@@ -14,10 +14,10 @@ import sys
 import pytest
 
 pytest.importorskip("triton.backends.nvidia.compiler")
-from moba_kernels.triton_backend import aot, tuning  # noqa: E402
+from moba_kernels.triton_backend import aot, tuning
 
 pytestmark = pytest.mark.slow
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 TOOL = os.path.join(ROOT, "tools", "triton_aot_report.py")
 COMMITTED = os.path.join(ROOT, "benchmarks", "results", "triton_aot_report.json")
 KERNELS = {"_block_mean_kernel", "_gate_topk_kernel", "_own_fwd_kernel", "_past_fwd_kernel", "_dkdv_kernel",

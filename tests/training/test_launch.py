@@ -10,8 +10,9 @@ import pytest
 
 from megatron_moba.training.arguments import parse_args
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh")) + glob.glob(os.path.join(ROOT, "examples", "slurm", "*.sbatch"))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh"))
+                 + glob.glob(os.path.join(ROOT, "examples", "slurm", "*.sbatch"))
                  + glob.glob(os.path.join(ROOT, "benchmarks", "*.sh")) + glob.glob(os.path.join(ROOT, ".ci", "*.sh"))
                  + [os.path.join(ROOT, ".ci", "run")])
 
@@ -55,7 +56,8 @@ def test_single_node_command_parses_with_the_trainer():
 def fake_slurm(tmp_path):
     """scontrol that expands node[1-N]; srun that must not run in DRY_RUN."""
     (tmp_path / "scontrol").write_text('#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] || exit 1\n'
-                                        'n=$(echo "$3" | sed -E "s/.*-([0-9]+)]$/\\1/"); for i in $(seq 1 "$n"); do echo "node$i"; done\n')
+                                        'n=$(echo "$3" | sed -E "s/.*-([0-9]+)]$/\\1/")\n'
+                                        'for i in $(seq 1 "$n"); do echo "node$i"; done\n')
     (tmp_path / "srun").write_text("#!/bin/bash\necho srun should not run in DRY_RUN >&2; exit 1\n")
     for f in ("scontrol", "srun"):
         os.chmod(tmp_path / f, 0o755)

@@ -4,6 +4,8 @@ Without CUDA the kernels run in Triton's interpreter (conftest sets TRITON_INTER
 shapes, fp32 and fp16 only (the interpreter's bf16 is wrong).  The GPU tests (bf16/fp16 with
 flash-attention's error rule, long sequences) skip without CUDA.
 """
+from functools import partial
+
 import pytest
 import torch
 
@@ -32,7 +34,7 @@ def _run(backend, lens, hq, hkv, dim, chunk, topk, dtype, seed=0):
     q, k, v = (t.to(DEVICE) for t in rand_qkv(sum(lens), hq, hkv, dim, dtype, seed=seed))
     cu = cu_from_lens(lens).to(DEVICE)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(DEVICE)
-    fn = lambda a, b, c: moba_attn_varlen(a, b, c, cu, max(lens), chunk, topk, backend=backend)  # noqa: E731
+    fn = lambda a, b, c: moba_attn_varlen(a, b, c, cu, max(lens), chunk, topk, backend=backend)
     return run_with_grads(fn, [q, k, v], grad)
 
 
@@ -102,7 +104,7 @@ def test_forward_and_backward_reuse_the_plan(monkeypatch):
 def test_batched_entry_and_deterministic_gradients():
     q, k, v = (t.to(DEVICE).view(2, 40, *t.shape[1:]) for t in rand_qkv(80, 2, 2, 16, torch.float32, seed=4))
     g = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    fn = lambda a, b, c: moba_attn(a, b, c, 16, 2, backend="triton")  # noqa: E731
+    fn = lambda a, b, c: moba_attn(a, b, c, 16, 2, backend="triton")
     (o1, g1), (o2, g2) = run_with_grads(fn, [q, k, v], g), run_with_grads(fn, [q, k, v], g)
     ref, _ = run_with_grads(lambda a, b, c: moba_attn(a, b, c, 16, 2, backend="reference"), [q, k, v], g)
     assert max_err(o1, ref) < 2e-5
@@ -143,7 +145,8 @@ def test_autotune_keys_and_restored_buffers_name_real_kernel_arguments(monkeypat
     monkeypatch.setattr(tuning, "AUTOTUNE", True)
     plain = fwd._past_fwd_kernel
     tuned = tuning.tune(key=("D",), restore=("ACC",))(plain.fn if isinstance(plain, Autotuner) else plain)
-    assert isinstance(tuned, Autotuner) and len(tuned.configs) == 6 and {c.kwargs["BLOCK_N"] for c in tuned.configs} == {32, 64, 128}
+    assert isinstance(tuned, Autotuner) and len(tuned.configs) == 6
+    assert {c.kwargs["BLOCK_N"] for c in tuned.configs} == {32, 64, 128}
     cfg = triton_backend.kernel_config(128, 512)
     assert tuning.launch_kwargs(cfg) == {} and tuning.launch_kwargs(cfg, block_n=False) == {"BLOCK_N": cfg.block_n}
 
@@ -172,6 +175,10 @@ def test_backend_none_never_picks_the_interpreter_on_cpu():
         assert api._pick_backend(None, q.cuda(), 16).name == "triton"
 
 
+def _at_positions(q, k, v, cu, max_seqlen, backend, pos):
+    return moba_attn_varlen(q, k, v, cu, max_seqlen, 16, 2, backend=backend, q_positions=pos)
+
+
 @pytest.mark.parametrize("lens,rows", [
     ([64], [*range(0, 16), *range(48, 64)]),          # context parallelism: this rank's chunks 0 and 3 of 4
     ([50, 31], [3, 4, 5, 17, 30, 31, 32, 49, 52, 80]),  # scattered rows over two documents
@@ -182,9 +189,9 @@ def test_q_positions_match_reference(lens, rows):
     cu = cu_from_lens(lens).to(DEVICE)
     pos = torch.tensor(rows, device=DEVICE)
     grad = torch.randn(len(rows), 4, 16, generator=torch.Generator().manual_seed(2)).to(DEVICE)
-    res = {b: run_with_grads(lambda a, b_, c: moba_attn_varlen(  # noqa: E731
-        a, b_, c, cu, max(lens), 16, 2, backend=b, q_positions=pos), [q[pos], k, v], grad)
-        for b in ("triton", "reference")}
+    res = {b: run_with_grads(partial(_at_positions, cu=cu, max_seqlen=max(lens), backend=b, pos=pos),
+                             [q[pos], k, v], grad)
+           for b in ("triton", "reference")}
     (out, grads), (ref_out, ref_grads) = res["triton"], res["reference"]
     assert out.shape == (len(rows), 4, 16) and max_err(out, ref_out) < 2e-5
     for name, g, rg in zip("qkv", grads, ref_grads):
@@ -232,7 +239,7 @@ def test_gpu_low_precision_error_rule(dtype, lens, hq, hkv, dim, chunk, topk):
     lowp = [t.cuda().to(dtype) for t in rand_qkv(sum(lens), hq, hkv, dim, torch.float32, seed=7)]
     cu = cu_from_lens(lens).cuda()
     grad = torch.randn(lowp[0].shape, generator=torch.Generator().manual_seed(8)).cuda()
-    moba = lambda backend: lambda a, b, c: moba_attn_varlen(  # noqa: E731
+    moba = lambda backend: lambda a, b, c: moba_attn_varlen(
         a, b, c, cu, max(lens), chunk, topk, backend=backend)
     out, grads = run_with_grads(moba("triton"), lowp, grad)
     ref_out, ref_grads = run_with_grads(lambda a, b, c: _same_precision_reference(a, b, c, cu, chunk, topk),

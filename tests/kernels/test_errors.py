@@ -62,9 +62,11 @@ def test_batched_layout_errors():
 
 def test_unsupported_input_for_a_backend_names_the_alternative(monkeypatch):
     from moba_kernels import api
-    picky = api.Backend("picky", api._torch, unsupported=lambda q, chunk, pos: f"head_dim {q.shape[-1]} not in (64, 128)")
+    picky = api.Backend("picky", api._torch,
+                        unsupported=lambda q, chunk, pos: f"head_dim {q.shape[-1]} not in (64, 128)")
     monkeypatch.setitem(api.BACKENDS, "picky", picky)
-    with pytest.raises(ValueError, match=r"backend 'picky' does not support these inputs \(head_dim 8.*backend='torch'"):
+    with pytest.raises(ValueError,
+                       match=r"backend 'picky' does not support these inputs \(head_dim 8.*backend='torch'"):
         _call(backend="picky")
     monkeypatch.setattr(api, "AUTO_ORDER", ["picky", "torch"])
     assert _call().shape == (20, 4, 8)     # automatic choice falls back to torch

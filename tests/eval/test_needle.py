@@ -17,7 +17,7 @@ import megatron_cases as mc
 from megatron_moba.eval import needle
 from megatron_moba.training.tokenizer import build_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
 DEPTHS = [0.0, 0.25, 0.5, 0.8, 1.0]
 
