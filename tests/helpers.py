@@ -1,10 +1,26 @@
 """Shared test helpers: random inputs, packed layouts, an independent brute-force MoBA,
-and flash-attention's error-ratio rule."""
+flash-attention's error-ratio rule, and running a tool's command line in-process."""
 from __future__ import annotations
 
 import math
+import os
+import runpy
+import sys
 
+import pytest
 import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))      # the repository
+
+
+def tool_exit_code(monkeypatch, tool: str, *argv) -> int:
+    """The exit code of `python tools/<tool> ARGV`, run as a script in this process (faster than a
+    subprocess: torch and megatron-core are imported already)."""
+    path = os.path.join(ROOT, "tools", tool)
+    monkeypatch.setattr(sys, "argv", [path, *map(str, argv)])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_path(path, run_name="__main__")
+    return done.value.code
 
 
 def cu_from_lens(lens):

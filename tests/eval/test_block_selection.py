@@ -3,7 +3,6 @@ against brute-force loops; captured q/k/v reproduce the layer's attention; the t
 import json
 import math
 import os
-import runpy
 import subprocess
 import sys
 
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 import megatron_cases as mc
+from helpers import tool_exit_code
 from megatron_moba.eval import block_selection as bs
 from megatron_moba.training.tokenizer import build_tokenizer
 
@@ -191,14 +191,6 @@ def test_tool_errors_name_the_flag(checkpoint, tmp_path, capsys, monkeypatch):
               "--head 4 is out of range: the checkpoint has heads 0..3"),
              (["--load", path, "--layer", "1", "--topk", "0"], "--topk must be >= 1")]
     for argv, text in cases:
-        assert _tool_exit_code(monkeypatch, *argv, "--out", str(tmp_path)) == 2, argv
+        assert tool_exit_code(monkeypatch, "plot_block_selection.py", *argv, "--out", str(tmp_path)) == 2, argv
         assert text in capsys.readouterr().err
 
-
-def _tool_exit_code(monkeypatch, *argv):
-    """The exit code of `python tools/plot_block_selection.py ARGV`, run in-process (faster than a subprocess)."""
-    tool = os.path.join(ROOT, "tools", "plot_block_selection.py")
-    monkeypatch.setattr(sys, "argv", [tool, *argv])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(tool, run_name="__main__")
-    return exit_.value.code

@@ -3,25 +3,18 @@ clear errors on bad tables."""
 import csv
 import json
 import os
-import runpy
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from helpers import tool_exit_code
 from megatron_moba.eval import scaling_fit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 TOOL = os.path.join(ROOT, "tools", "fit_scaling.py")
 
-
-def _tool(monkeypatch, *args) -> int:
-    """tools/fit_scaling.py ARGS, run as a script in this process; its exit code."""
-    monkeypatch.setattr(sys, "argv", [TOOL, *args])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(TOOL, run_name="__main__")
-    return done.value.code
 
 TRUE = {("moba", "0k-2k"): (3.1, -0.051), ("full", "0k-2k"): (3.0, -0.050),
         ("moba", "12k-14k"): (2.6, -0.060), ("full", "12k-14k"): (2.55, -0.058)}
@@ -76,7 +69,7 @@ def test_exact_points_give_exact_fit():
 ])
 def test_bad_tables_fail_clearly(tmp_path, capsys, monkeypatch, content, text):
     (tmp_path / "t.csv").write_text(content)
-    assert _tool(monkeypatch, str(tmp_path / "t.csv"), "--out", str(tmp_path / "o")) == 2
+    assert tool_exit_code(monkeypatch, "fit_scaling.py", str(tmp_path / "t.csv"), "--out", str(tmp_path / "o")) == 2
     assert text in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o")                   # nothing written
     with pytest.raises(ValueError) as e:

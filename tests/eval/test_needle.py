@@ -5,7 +5,6 @@ import csv
 import json
 import os
 import random
-import runpy
 import subprocess
 import sys
 from argparse import Namespace
@@ -14,6 +13,7 @@ import pytest
 import torch
 
 import megatron_cases as mc
+from helpers import tool_exit_code
 from megatron_moba.eval import needle
 from megatron_moba.training.tokenizer import build_tokenizer
 
@@ -156,7 +156,7 @@ def test_cli_errors(tmp_path, capsys, monkeypatch):
              (["--load", missing, "--lengths", "64", "--depths", "1.5"], "--depths must be fractions in [0, 1]"),
              (["--load", missing, "--lengths", "64", "--trials", "0"], "--trials must be >= 1")]
     for argv, text in cases:
-        assert _tool_exit_code(monkeypatch, *argv, "--out", str(tmp_path / "o")) == 2, argv
+        assert tool_exit_code(monkeypatch, "eval_needle.py", *argv, "--out", str(tmp_path / "o")) == 2, argv
         assert text in capsys.readouterr().err
 
 
@@ -207,11 +207,3 @@ def test_end_to_end_on_tiny_checkpoints(tmp_path):
     cell = next(r for r in detail if r["label"] == "tiny moba" and r["length"] == 96 and r["depth"] == 0.5)
     assert cell["predictions"] == by_hand
 
-
-def _tool_exit_code(monkeypatch, *argv):
-    """The exit code of `python tools/eval_needle.py ARGV`, run in-process (faster than a subprocess)."""
-    tool = os.path.join(ROOT, "tools", "eval_needle.py")
-    monkeypatch.setattr(sys, "argv", [tool, *argv])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(tool, run_name="__main__")
-    return exit_.value.code

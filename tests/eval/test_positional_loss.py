@@ -2,7 +2,6 @@
 averaged by hand, short documents left out, trailing loss, a TP=2 checkpoint at TP=1, clear errors."""
 import csv
 import os
-import runpy
 import subprocess
 import sys
 
@@ -10,6 +9,7 @@ import numpy as np
 import pytest
 
 import megatron_cases as mc
+from helpers import tool_exit_code
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 
@@ -138,14 +138,6 @@ def test_bad_inputs_fail_clearly(data, checkpoint, tmp_path, capsys, monkeypatch
          "the documents hold token id 250, outside the vocabulary of"),
     ]
     for argv, text in cases:
-        assert _tool_exit_code(monkeypatch, *argv) == 2, argv
+        assert tool_exit_code(monkeypatch, "eval_positional_loss.py", *argv) == 2, argv
         assert text in capsys.readouterr().err, (argv, text)
 
-
-def _tool_exit_code(monkeypatch, *argv):
-    """The exit code of `python tools/eval_positional_loss.py ARGV`, run in-process (faster than a subprocess)."""
-    tool = os.path.join(ROOT, "tools", "eval_positional_loss.py")
-    monkeypatch.setattr(sys, "argv", [tool, *argv])
-    with pytest.raises(SystemExit) as exit_:
-        runpy.run_path(tool, run_name="__main__")
-    return exit_.value.code

@@ -4,7 +4,6 @@ import csv
 import json
 import math
 import os
-import runpy
 import shlex
 import shutil
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 import yaml
 
 import megatron_cases as mc
+from helpers import tool_exit_code
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
 TOOL = os.path.join(ROOT, "tools", "scaling_sweep.py")
@@ -25,13 +25,6 @@ def _sweep(*args, cwd=ROOT):
     return subprocess.run([sys.executable, "tools/scaling_sweep.py" if cwd == ROOT else TOOL, *args],
                           capture_output=True, text=True, env=ENV, cwd=cwd)
 
-
-def _tool(monkeypatch, *args) -> int:
-    """tools/scaling_sweep.py ARGS, run as a script in this process; its exit code."""
-    monkeypatch.setattr(sys, "argv", [TOOL, *args])
-    with pytest.raises(SystemExit) as done:
-        runpy.run_path(TOOL, run_name="__main__")
-    return done.value.code
 
 
 @pytest.mark.slow
@@ -136,7 +129,8 @@ def _description(tmp_path, **changes):
 
 def test_slurm_script_one_task_per_run_skips_finished_runs(tmp_path, monkeypatch):
     script, out = tmp_path / "sweep.sbatch", tmp_path / "out"
-    assert _tool(monkeypatch, _description(tmp_path), "--out", str(out), "--slurm", str(script)) == 0
+    argv = [_description(tmp_path), "--out", str(out), "--slurm", str(script)]
+    assert tool_exit_code(monkeypatch, "scaling_sweep.py", *argv) == 0
     text = script.read_text()
     assert f"\ncd {shlex.quote(ROOT)}\n" in text                  # the tasks start in the checkout
     assert "#SBATCH --array=0-3" in text and subprocess.run(["bash", "-n", str(script)]).returncode == 0
@@ -175,14 +169,14 @@ def test_slurm_script_one_task_per_run_skips_finished_runs(tmp_path, monkeypatch
     (dict(fit=dict(buckets="all")), "fit.buckets must be a list of bucket names"),
 ])
 def test_bad_descriptions_fail_clearly(tmp_path, capsys, monkeypatch, changes, text):
-    assert _tool(monkeypatch, _description(tmp_path, **changes), "--out", str(tmp_path / "o"), "--slurm",
-                 str(tmp_path / "s")) == 2
+    argv = [_description(tmp_path, **changes), "--out", str(tmp_path / "o"), "--slurm", str(tmp_path / "s")]
+    assert tool_exit_code(monkeypatch, "scaling_sweep.py", *argv) == 2
     assert text in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "s")
 
 
 def test_missing_description_and_empty_table(tmp_path, capsys, monkeypatch):
-    assert _tool(monkeypatch, str(tmp_path / "none.yaml")) == 2
+    assert tool_exit_code(monkeypatch, "scaling_sweep.py", str(tmp_path / "none.yaml")) == 2
     assert "none.yaml: no such sweep description" in capsys.readouterr().err
     from megatron_moba.eval import scaling_fit, sweep
     with pytest.raises(ValueError, match="the sweep produced no table rows"):
