@@ -15,10 +15,9 @@ read from and written to safetensors only.
 import argparse
 import os
 import sys
-from types import SimpleNamespace
 
-# megatron_moba.hf.convert and .parallel (torch, megatron-core) are imported in main, after the
-# flags are parsed: `--help` answers without them
+# megatron_moba.hf.convert (torch, megatron-core), which does the work (convert.run_import / run_export), is
+# imported in main, after the flags are parsed: `--help` answers without it
 
 
 def main(argv=None):
@@ -40,25 +39,17 @@ def main(argv=None):
                 "replace the latest_checkpointed_iteration.txt of the checkpoints it holds)")
     from megatron_moba.training.logs import quiet_absent_backend_warnings
     quiet_absent_backend_warnings()
-    from megatron_moba.hf.convert import export_from_checkpoint, import_to_checkpoint
+    from megatron_moba.hf import convert
     from megatron_moba.training.compat import apply_patches
-    from megatron_moba.training.parallel import initialize_distributed
     apply_patches("torch")              # without CUDA: megatron-core's CPU shim
-    initialize_distributed(SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-                                           context_parallel_size=1, seed=0))
     try:
         if args.direction == "import":
-            flags = import_to_checkpoint(args.hf_dir, args.save)
+            convert.run_import(args.hf_dir, args.save)
         else:
-            export_from_checkpoint(args.load, args.out, args.hf_config)
+            convert.run_export(args.load, args.out, args.hf_config)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    if args.direction == "import":
-        print(f"wrote {args.save} (iteration 0, weights only). Train with:\n  --load {args.save} --finetune "
-              + " ".join(flags))
-    else:
-        print(f"wrote {args.out}/config.json and model.safetensors")
     return 0
 
 

@@ -9,7 +9,7 @@ needle "The pass key is 48213. Remember it. 48213 is the pass key." sits at that
 filler, the prompt ends "What is the pass key? The pass key is", and a trial is correct when the
 model's greedy continuation reproduces the passkey's tokens.  ``length`` counts the prompt and the
 answer tokens.  NullTokenizer checkpoints get an integer-id version of the same task (see
-megatron_moba/needle.py).  Lengths beyond a checkpoint's --seq-length are allowed for RoPE models.
+megatron_moba/eval/needle.py).  Lengths beyond a checkpoint's --seq-length are allowed for RoPE models.
 
 Writes OUT/needle.csv (label, variant, length, depth, accuracy, trials), OUT/needle.json (the same
 plus every trial's passkey and greedy output) and OUT/needle_<label>.png (depth x length heat map);
@@ -18,14 +18,13 @@ prints the accuracy table.  The variant is the checkpoint's saved --attention (m
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from megatron_moba.training.logs import quiet_absent_backend_warnings  # light: no torch
 
 quiet_absent_backend_warnings()
-# megatron_moba.eval.needle and the model code (torch, megatron-core) are imported once the flags are
-# parsed: `--help` answers without them
+# megatron_moba.eval.needle (torch, megatron-core), which does the work (needle.run), is imported once the
+# flags are parsed: `--help` answers without it
 
 
 def parse(argv):
@@ -47,64 +46,18 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def check(args) -> list:
-    """Flag checks before any model is built; returns each checkpoint's saved flags."""
-    from megatron_moba.eval import needle
-    from megatron_moba.eval.checkpoint import saved_args
-    if args.labels is not None and len(args.labels) != len(args.load):
-        raise ValueError(f"--labels has {len(args.labels)} names for {len(args.load)} --load checkpoints")
-    if any(not 0.0 <= d <= 1.0 for d in args.depths):
-        raise ValueError(f"--depths must be fractions in [0, 1], got {args.depths}")
-    for flag, value in (("--trials", args.trials), ("--digits", args.digits), ("--batch-size", args.batch_size)):
-        if value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    saved = []
-    for load in args.load:
-        try:
-            saved.append(saved_args(load, args.iteration))
-        except (FileNotFoundError, ValueError) as e:
-            raise ValueError(f"--load {load}: {e}") from None
-        needle.check_lengths(saved[-1], args.lengths)
-    return saved
-
-
 def main(argv=None) -> int:
     args = parse(argv)
-    try:
-        saved = check(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     from megatron_moba.eval import needle
     from megatron_moba.training.compat import apply_patches
     apply_patches("torch")          # without CUDA: megatron-core's CPU shim
-    from megatron_moba.eval.checkpoint import load_for_eval
-    labels = args.labels or [os.path.basename(os.path.normpath(p)) for p in args.load]
-    passkeys = needle.make_passkeys(args.trials, args.digits, args.seed)
-    rows = []
-    os.makedirs(args.out, exist_ok=True)
-    for load, label, flags in zip(args.load, labels, saved):
-        seq_length = needle.check_lengths(flags, args.lengths)     # None: the trained length suffices
-        model, margs, tokenizer = load_for_eval(load, args.iteration, seq_length=seq_length)
-        builder = needle.PromptBuilder(tokenizer)
-        try:
-            for key in passkeys:
-                builder.build(min(args.lengths), 0.0, key)
-        except ValueError as e:
-            print(f"error: {label}: {e}", file=sys.stderr)
-            return 2
-        mine = needle.evaluate(needle.model_logits_fn(model, tokenizer.vocab_size), builder, args.lengths,
-                               sorted(args.depths), passkeys, args.batch_size, progress=not args.no_progress)
-        info = dict(label=label, variant=margs.attention, load=load, moba_chunk_size=margs.moba_chunk_size,
-                    moba_topk=margs.moba_topk, trained_seq_length=flags.seq_length)
-        mine = [dict(info, **r) for r in mine]
-        rows += mine
-        png = needle.plot_heatmap(mine, os.path.join(args.out, f"needle_{needle.safe_name(label)}.png"))
-        print(f"wrote {png}")
-        del model
-    print(needle.format_table(rows))
-    for path in needle.write_table(rows, args.out):
-        print(f"wrote {path}")
+    try:
+        needle.run(args.load, args.lengths, args.out, labels=args.labels, depths=args.depths, trials=args.trials,
+                   digits=args.digits, seed=args.seed, batch_size=args.batch_size, iteration=args.iteration,
+                   progress=not args.no_progress)
+    except ValueError as e:         # a bad flag (named), or a checkpoint whose tokenizer cannot build the prompt
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -22,8 +22,8 @@ import sys
 from megatron_moba.training.logs import quiet_absent_backend_warnings  # light: no torch
 
 quiet_absent_backend_warnings()
-# megatron_moba.eval.positional_loss (torch, megatron-core) is imported once the flags are parsed:
-# `--help` answers without it
+# megatron_moba.eval.positional_loss (torch, megatron-core), which does the work (positional_loss.run), is
+# imported once the flags are parsed: `--help` answers without it
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,43 +49,15 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     from megatron_moba.training.compat import apply_patches
     apply_patches("torch")          # without CUDA: megatron-core's CPU shim
-    from megatron_moba.eval import positional_loss as pl
-    labels = args.labels or [pl.default_label(d) for d in args.load]
+    from megatron_moba.eval import positional_loss
     try:
-        if len(labels) != len(args.load):
-            raise ValueError(f"--labels names {len(labels)} checkpoints, --load gives {len(args.load)}")
-        if args.num_docs is not None and args.num_docs < 1:
-            raise ValueError("--num-docs must be >= 1")
-        lengths = []
-        for d in args.load:
-            pl.check_checkpoint(d)
-            lengths.append(args.seq_length or pl.saved_args(d).seq_length)
-            pl.make_buckets(lengths[-1], args.bucket_width)          # a too-wide bucket fails before any loading
-        docs = pl.read_documents(args.data_path, max(lengths) + 1, args.num_docs)
-        results = []
-        for d, label in zip(args.load, labels):
-            results.append(pl.evaluate_checkpoint(
-                d, docs, args.bucket_width, args.trailing_tokens, args.seq_length, args.micro_batch_size, label,
-                args.tensor_model_parallel_size, progress=True))
-    except (ValueError, FileNotFoundError) as e:
+        positional_loss.run(args.load, args.data_path, labels=args.labels, num_docs=args.num_docs,
+                            seq_length=args.seq_length, bucket_width=args.bucket_width,
+                            trailing_tokens=args.trailing_tokens, micro_batch_size=args.micro_batch_size,
+                            tensor_model_parallel_size=args.tensor_model_parallel_size, out=args.out, plot=args.plot)
+    except (ValueError, FileNotFoundError) as e:      # a bad flag or input, named
         print(f"error: {e}", file=sys.stderr)
         return 2
-    import torch.distributed as dist
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return 0
-    for r in results:
-        trailing = (f", last {r['trailing_tokens']} positions {r['trailing_loss']:.4f} "
-                    f"({r['trailing_documents']} documents)" if r["trailing_loss"] else "")
-        print(f"\n{r['label']} ({r['variant']}, iteration {r['iteration']}, {r['documents']} documents): "
-              f"loss {r['overall_loss']:.4f}" + trailing)
-        for b in r["buckets"]:
-            loss = "-" if b["loss"] is None else f"{b['loss']:.4f}"
-            print(f"  {b['bucket']:>12}  loss {loss:>7}  ({b['tokens']} tokens, {b['documents']} documents)")
-    if args.out:
-        for path in pl.write_results(results, args.out):
-            print(f"wrote {path}")
-    if args.plot:
-        print(f"wrote {pl.plot_results(results, args.plot)}")
     return 0
 
 

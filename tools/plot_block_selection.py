@@ -22,15 +22,13 @@ kept mass.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 from megatron_moba.training.logs import quiet_absent_backend_warnings  # light: no torch
 
 quiet_absent_backend_warnings()
-# megatron_moba.eval.block_selection and the model code (torch, megatron-core) are imported once the
-# flags are parsed: `--help` answers without them
+# megatron_moba.eval.block_selection (torch, megatron-core), which does the work (block_selection.run), is
+# imported once the flags are parsed: `--help` answers without it
 
 
 def parse(argv):
@@ -54,83 +52,18 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def check(args):
-    """Flag checks against the checkpoint's saved flags, before any model is built."""
-    from megatron_moba.eval.checkpoint import saved_args
-    from megatron_moba.eval.needle import check_lengths
-    try:
-        saved = saved_args(args.load, args.iteration)
-    except (FileNotFoundError, ValueError) as e:
-        raise ValueError(f"--load {args.load}: {e}") from None
-    if not 1 <= args.layer <= saved.num_layers:
-        raise ValueError(f"--layer {args.layer} is out of range: the checkpoint has layers 1..{saved.num_layers} "
-                         "(1-based)")
-    if not 0 <= args.head < saved.num_attention_heads:
-        raise ValueError(f"--head {args.head} is out of range: the checkpoint has heads "
-                         f"0..{saved.num_attention_heads - 1} (0-based)")
-    for flag, value in (("--chunk-size", args.chunk_size), ("--topk", args.topk)):
-        if value is not None and value < 1:
-            raise ValueError(f"{flag} must be >= 1, got {value}")
-    length = args.length or saved.seq_length
-    return saved, length, check_lengths(saved, [length], "--length")
-
-
 def main(argv=None) -> int:
     args = parse(argv)
-    try:
-        saved, length, eval_seq_length = check(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    from megatron_moba.eval import block_selection as bs
+    from megatron_moba.eval import block_selection
     from megatron_moba.training.compat import apply_patches
     apply_patches("torch")          # without CUDA: megatron-core's CPU shim
-    from megatron_moba.eval.checkpoint import load_for_eval
-    model, margs, tokenizer = load_for_eval(args.load, args.iteration, seq_length=eval_seq_length)
     try:
-        tokens, what = bs.input_tokens(tokenizer, length, args.text_file, args.data_path, args.doc, args.seed)
-    except ValueError as e:
+        block_selection.run(args.load, args.layer, args.out, head=args.head, text_file=args.text_file,
+                            data_path=args.data_path, doc=args.doc, length=args.length, chunk_size=args.chunk_size,
+                            topk=args.topk, seed=args.seed, label=args.label, iteration=args.iteration)
+    except ValueError as e:         # a bad flag or input, named
         print(f"error: {e}", file=sys.stderr)
         return 2
-    chunk = args.chunk_size or margs.moba_chunk_size
-    topk = args.topk or margs.moba_topk
-    cap = bs.capture_qkv(model, args.layer, tokens)                       # q [S, Hq, d], k [S, Hkv, d]
-    sel = bs.select(cap.q, cap.k, chunk, topk)                            # [S, Hq, topk]
-    kept = bs.kept_mass(cap.q, cap.k, sel, chunk, cap.softmax_scale)      # [S, Hq]
-    summary = bs.summarize(kept, chunk, topk)
-    heads, kv_heads = cap.q.shape[1], cap.k.shape[1]
-    kv_head = args.head // (heads // kv_heads)
-    is_moba = model.config.is_moba_layer(args.layer)
-    label = args.label or os.path.basename(os.path.normpath(args.load))
-    if not is_moba:
-        note = (f"\n(layer {args.layer} runs full attention in this checkpoint: the map shows what MoBA would "
-                "select there)")
-    elif (chunk, topk) != (margs.moba_chunk_size, margs.moba_topk):
-        note = (f"\n(layer {args.layer} was trained with chunk {margs.moba_chunk_size}, top-{margs.moba_topk}: "
-                "the map shows what MoBA with these settings would select)")
-    else:
-        note = ""
-    head_kept = summary["per_head"][args.head]
-    title = (f"{label}: layer {args.layer}, head {args.head} (kv head {kv_head}), MoBA chunk {chunk}, top-{topk}, "
-             f"input: {what}, {len(tokens)} tokens\nkept attention mass: head {head_kept:.3f}, all heads "
-             f"{summary['overall']:.3f}{note}")
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"block_selection_layer{args.layer}_head{args.head}")
-    bs.plot_selection(bs.selection_map(sel[:, args.head], chunk), chunk, title, stem + ".png")
-    result = dict(load=args.load, label=label, layer=args.layer, head=args.head, kv_head=kv_head,
-                  layer_attention="moba" if is_moba else "full", variant=margs.attention, chunk_size=chunk,
-                  topk=topk, trained_chunk_size=margs.moba_chunk_size, trained_topk=margs.moba_topk,
-                  tokens=len(tokens), blocks=-(-len(tokens) // chunk), input=what, kept_mass=summary)
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=1)
-    choice = summary["queries_with_a_choice"]
-    print(f"layer {args.layer} ({result['layer_attention']} in the checkpoint), chunk {chunk}, top-{topk}, "
-          f"{len(tokens)} tokens: kept attention mass {summary['overall']:.4f} over all heads, "
-          f"head {args.head}: {head_kept:.4f}")
-    if choice["overall"] is not None:
-        print(f"  queries past the first {topk} blocks ({choice['queries']}): {choice['overall']:.4f} over all heads, "
-              f"per head {' '.join(f'{x:.4f}' for x in choice['per_head'])}")
-    print(f"wrote {stem}.png\nwrote {stem}.json")
     return 0
 
 

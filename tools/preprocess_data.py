@@ -12,7 +12,6 @@ Existing outputs (PREFIX.bin/.idx, and the .model with --train-tokenizer) are re
 lines that are not UTF-8 JSON objects with the text field, are errors naming file and line.
 """
 import argparse
-import contextlib
 import os
 import signal
 import sys
@@ -23,8 +22,8 @@ import warnings
 warnings.filterwarnings("ignore", message=r"(Transformer Engine and )?Apex (is|are) not installed",
                         category=UserWarning)
 
-# megatron_moba.training.preprocess (megatron-core, torch) is imported in main, after the flags are parsed:
-# `--help` answers without it
+# megatron_moba.training.preprocess (megatron-core, torch), which does the work (preprocess.run), is imported
+# in main, after the flags are parsed: `--help` answers without it
 
 
 def main(argv=None):
@@ -45,54 +44,29 @@ def main(argv=None):
                    help="replace existing output files (PREFIX.bin/.idx, and the --tokenizer-model that "
                         "--train-tokenizer writes); they are replaced only if the run succeeds")
     args = p.parse_args(argv)
-    from megatron_moba.training.preprocess import (
-        build_indexed_dataset,
-        read_hf_dataset,
-        read_jsonl,
-        staging_directory,
-        train_sentencepiece,
-    )
+    from megatron_moba.training import preprocess
     if args.input_format == "hf" and len(args.input) != 1:
         p.error("--input-format hf takes one dataset directory")
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
-    model_prefix = None
-    if args.train_tokenizer:
-        if args.tokenizer_type != "SentencePieceTokenizer" or not args.tokenizer_model or not args.vocab_size:
-            p.error("--train-tokenizer needs --tokenizer-type SentencePieceTokenizer, --tokenizer-model "
-                    "PATH.model and --vocab-size")
-        model = args.tokenizer_model
-        model_prefix = model[:-len(".model")] if model.endswith(".model") else model
-    outputs = [args.output_prefix + ".bin", args.output_prefix + ".idx"]
-    outputs += [model_prefix + ".model", model_prefix + ".vocab"] if model_prefix else []
+    if args.train_tokenizer and (args.tokenizer_type != "SentencePieceTokenizer" or not args.tokenizer_model
+                                 or not args.vocab_size):
+        p.error("--train-tokenizer needs --tokenizer-type SentencePieceTokenizer, --tokenizer-model "
+                "PATH.model and --vocab-size")
+    outputs = preprocess.output_files(args.output_prefix, args.tokenizer_model if args.train_tokenizer else None)
     existing = [f for f in outputs if os.path.exists(f)]
     if existing and not args.overwrite:
         p.error(f"{', '.join(existing)} already exist(s): pass --overwrite to replace "
                 f"{'them' if len(existing) > 1 else 'it'} (only once preprocessing succeeds)")
     # SIGTERM (a scheduler's kill) unwinds like Ctrl-C: temporary files are removed
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
-
-    def texts():
-        if args.input_format == "hf":
-            return read_hf_dataset(args.input[0], args.json_key)
-        return read_jsonl(args.input, args.json_key)
     try:
-        with staging_directory(model_prefix) if model_prefix else contextlib.nullcontext() as tmp:
-            tokenizer_model = args.tokenizer_model
-            if model_prefix:     # trained into tmp; moved into place after the dataset is written
-                tokenizer_model = train_sentencepiece(texts(), os.path.join(tmp, "spm"), args.vocab_size)
-                print(f"trained the tokenizer ({args.vocab_size} pieces)")
-            stats = build_indexed_dataset(texts(), args.output_prefix, args.tokenizer_type, tokenizer_model,
-                                          args.vocab_size, workers=args.workers, overwrite=args.overwrite)
-            if model_prefix:
-                for ext in (".vocab", ".model"):
-                    os.replace(os.path.join(tmp, "spm" + ext), model_prefix + ext)
-                print(f"wrote {model_prefix}.model")
+        preprocess.run(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model, args.vocab_size,
+                       input_format=args.input_format, json_key=args.json_key, train_tokenizer=args.train_tokenizer,
+                       workers=args.workers, overwrite=args.overwrite)
     except (ValueError, OSError) as e:     # bad or empty input, an unreadable file, a bad tokenizer
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {args.output_prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens "
-          f"(vocab {stats['vocab_size']}, eod {stats['eod']})")
     return 0
 
 

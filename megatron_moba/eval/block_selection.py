@@ -6,6 +6,7 @@ attention's probability mass that selection keeps.
     sel = select(cap.q, cap.k, chunk_size=64, topk=3)           # [S, Hq, topk], the kernels' own gate
     grid = selection_map(sel[:, head], chunk_size=64)          # [S, blocks]: FUTURE / SKIPPED / SELECTED / OWN
     kept = kept_mass(cap.q, cap.k, sel, 64, cap.softmax_scale) # [S, Hq]
+    run("runs/demo/ckpt_moba", layer=2, out="runs/block_selection")   # a checkpoint end to end: PNG, JSON
 
 ``kept[t, h]`` is the share of query t's full causal attention probability (fp32
 softmax(q.k * scale) over keys <= t) that falls on keys of the blocks MoBA selects for it (its own
@@ -13,6 +14,7 @@ block's keys up to t included).  Query head h reads kv head h // (Hq / Hkv).
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -199,3 +201,81 @@ def plot_selection(grid: torch.Tensor, chunk_size: int, title: str, path: str) -
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def check_flags(load: str, layer: int, head: int = 0, length: Optional[int] = None,
+                chunk_size: Optional[int] = None, topk: Optional[int] = None, iteration: Optional[int] = None):
+    """The flag checks of tools/plot_block_selection.py against the checkpoint's saved flags, before
+    any model is built: a ValueError naming the flag, else (saved flags, input length, the sequence
+    length to load the checkpoint at (None: its own))."""
+    from megatron_moba.eval.checkpoint import saved_args
+    from megatron_moba.eval.needle import check_lengths
+    try:
+        saved = saved_args(load, iteration)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--load {load}: {e}") from None
+    if not 1 <= layer <= saved.num_layers:
+        raise ValueError(f"--layer {layer} is out of range: the checkpoint has layers 1..{saved.num_layers} "
+                         "(1-based)")
+    if not 0 <= head < saved.num_attention_heads:
+        raise ValueError(f"--head {head} is out of range: the checkpoint has heads "
+                         f"0..{saved.num_attention_heads - 1} (0-based)")
+    for flag, value in (("--chunk-size", chunk_size), ("--topk", topk)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    length = length or saved.seq_length
+    return saved, length, check_lengths(saved, [length], "--length")
+
+
+def run(load: str, layer: int, out: str, head: int = 0, text_file: Optional[str] = None,
+        data_path: Optional[str] = None, doc: int = 0, length: Optional[int] = None,
+        chunk_size: Optional[int] = None, topk: Optional[int] = None, seed: int = 0, label: Optional[str] = None,
+        iteration: Optional[int] = None) -> dict:
+    """What tools/plot_block_selection.py does: ``check_flags``, load the checkpoint, capture the layer's
+    q/k on the input, select blocks, write OUT/block_selection_layer<L>_head<H>.png and .json and print
+    the kept mass.  Returns the JSON's content.  A bad flag or input: ValueError naming the flag.
+    Without CUDA the caller applies the CPU shim first (megatron_moba.training.compat.apply_patches)."""
+    from megatron_moba.eval.checkpoint import load_for_eval
+    _, length, eval_seq_length = check_flags(load, layer, head, length, chunk_size, topk, iteration)
+    model, margs, tokenizer = load_for_eval(load, iteration, seq_length=eval_seq_length)
+    tokens, what = input_tokens(tokenizer, length, text_file, data_path, doc, seed)
+    chunk = chunk_size or margs.moba_chunk_size
+    topk = topk or margs.moba_topk
+    cap = capture_qkv(model, layer, tokens)                           # q [S, Hq, d], k [S, Hkv, d]
+    sel = select(cap.q, cap.k, chunk, topk)                           # [S, Hq, topk]
+    kept = kept_mass(cap.q, cap.k, sel, chunk, cap.softmax_scale)     # [S, Hq]
+    summary = summarize(kept, chunk, topk)
+    heads, kv_heads = cap.q.shape[1], cap.k.shape[1]
+    kv_head = head // (heads // kv_heads)
+    is_moba = model.config.is_moba_layer(layer)
+    label = label or os.path.basename(os.path.normpath(load))
+    if not is_moba:
+        note = (f"\n(layer {layer} runs full attention in this checkpoint: the map shows what MoBA would "
+                "select there)")
+    elif (chunk, topk) != (margs.moba_chunk_size, margs.moba_topk):
+        note = (f"\n(layer {layer} was trained with chunk {margs.moba_chunk_size}, top-{margs.moba_topk}: "
+                "the map shows what MoBA with these settings would select)")
+    else:
+        note = ""
+    head_kept = summary["per_head"][head]
+    title = (f"{label}: layer {layer}, head {head} (kv head {kv_head}), MoBA chunk {chunk}, top-{topk}, "
+             f"input: {what}, {len(tokens)} tokens\nkept attention mass: head {head_kept:.3f}, all heads "
+             f"{summary['overall']:.3f}{note}")
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"block_selection_layer{layer}_head{head}")
+    plot_selection(selection_map(sel[:, head], chunk), chunk, title, stem + ".png")
+    result = dict(load=load, label=label, layer=layer, head=head, kv_head=kv_head,
+                  layer_attention="moba" if is_moba else "full", variant=margs.attention, chunk_size=chunk,
+                  topk=topk, trained_chunk_size=margs.moba_chunk_size, trained_topk=margs.moba_topk,
+                  tokens=len(tokens), blocks=-(-len(tokens) // chunk), input=what, kept_mass=summary)
+    with open(stem + ".json", "w") as f:
+        json.dump(result, f, indent=1)
+    choice = summary["queries_with_a_choice"]
+    print(f"layer {layer} ({result['layer_attention']} in the checkpoint), chunk {chunk}, top-{topk}, "
+          f"{len(tokens)} tokens: kept attention mass {summary['overall']:.4f} over all heads, "
+          f"head {head}: {head_kept:.4f}")
+    if choice["overall"] is not None:
+        print(f"  queries past the first {topk} blocks ({choice['queries']}): {choice['overall']:.4f} over all heads, "
+              f"per head {' '.join(f'{x:.4f}' for x in choice['per_head'])}")
+    print(f"wrote {stem}.png\nwrote {stem}.json")
+    return result

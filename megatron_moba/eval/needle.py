@@ -4,6 +4,8 @@
     builder = PromptBuilder(tokenizer)
     prompt = builder.build(length=4096, depth=0.5, passkey="48213")
     rows = evaluate(model_logits_fn(model, tokenizer.vocab_size), builder, [1024, 4096], [0, 0.5, 1], passkeys)
+    # or, checkpoints end to end (tools/eval_needle.py): tables, heat maps, needle.csv/.json
+    run(["runs/demo/ckpt_moba", "runs/demo/ckpt_full"], [256, 512, 1024], "runs/needle")
 
 A prompt of ``length`` tokens (the prompt plus the answer tokens) is filler sentences repeated (the
 filler ends with a whole sentence; its first one may be cut), the needle inserted at the sentence
@@ -41,6 +43,7 @@ NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
 KEY, KEY_END, QUERY, FIRST_FILLER = 10, 11, 12, 13      # NullTokenizer ids (digits are 0-9)
 FILLER_IDS = 64                                          # length of the NullTokenizer filler pattern
+DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)                     # default needle depths (fractions of the filler)
 
 
 @dataclass
@@ -232,3 +235,64 @@ def plot_heatmap(rows: List[dict], path: str) -> str:
 
 def safe_name(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "model"
+
+
+def check_flags(loads: Sequence[str], lengths: Sequence[int], labels: Optional[Sequence[str]] = None,
+                depths: Sequence[float] = DEPTHS, trials: int = 10, digits: int = 5, batch_size: int = 8,
+                iteration: Optional[int] = None) -> list:
+    """The flag checks of tools/eval_needle.py, before any model is built: a ValueError naming the flag,
+    else each checkpoint's saved flags."""
+    from megatron_moba.eval.checkpoint import saved_args
+    if labels is not None and len(labels) != len(loads):
+        raise ValueError(f"--labels has {len(labels)} names for {len(loads)} --load checkpoints")
+    if any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ValueError(f"--depths must be fractions in [0, 1], got {list(depths)}")
+    for flag, value in (("--trials", trials), ("--digits", digits), ("--batch-size", batch_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
+    saved = []
+    for load in loads:
+        try:
+            saved.append(saved_args(load, iteration))
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"--load {load}: {e}") from None
+        check_lengths(saved[-1], lengths)
+    return saved
+
+
+def run(loads: Sequence[str], lengths: Sequence[int], out: str, labels: Optional[Sequence[str]] = None,
+        depths: Sequence[float] = DEPTHS, trials: int = 10, digits: int = 5, seed: int = 0, batch_size: int = 8,
+        iteration: Optional[int] = None, progress: bool = True) -> List[dict]:
+    """What tools/eval_needle.py does: ``check_flags``, then per checkpoint load it, run every (length, depth)
+    cell and write OUT/needle_<label>.png; print the accuracy table and write OUT/needle.csv and .json.
+    Returns the rows.  A bad flag or a tokenizer that cannot build the prompt: ValueError (the message
+    names the flag, or the checkpoint's label).  Without CUDA the caller applies the CPU shim first
+    (megatron_moba.training.compat.apply_patches)."""
+    from megatron_moba.eval.checkpoint import load_for_eval
+    saved = check_flags(loads, lengths, labels, depths, trials, digits, batch_size, iteration)
+    labels = labels or [os.path.basename(os.path.normpath(p)) for p in loads]
+    passkeys = make_passkeys(trials, digits, seed)
+    rows = []
+    os.makedirs(out, exist_ok=True)
+    for load, label, flags in zip(loads, labels, saved):
+        seq_length = check_lengths(flags, lengths)     # None: the trained length suffices
+        model, margs, tokenizer = load_for_eval(load, iteration, seq_length=seq_length)
+        builder = PromptBuilder(tokenizer)
+        try:
+            for key in passkeys:
+                builder.build(min(lengths), 0.0, key)
+        except ValueError as e:
+            raise ValueError(f"{label}: {e}") from None
+        mine = evaluate(model_logits_fn(model, tokenizer.vocab_size), builder, lengths, sorted(depths), passkeys,
+                        batch_size, progress=progress)
+        info = dict(label=label, variant=margs.attention, load=load, moba_chunk_size=margs.moba_chunk_size,
+                    moba_topk=margs.moba_topk, trained_seq_length=flags.seq_length)
+        mine = [dict(info, **r) for r in mine]
+        rows += mine
+        png = plot_heatmap(mine, os.path.join(out, f"needle_{safe_name(label)}.png"))
+        print(f"wrote {png}")
+        del model
+    print(format_table(rows))
+    for path in write_table(rows, out):
+        print(f"wrote {path}")
+    return rows

@@ -12,7 +12,7 @@ Bucket [a, b) averages the losses at positions a..b-1 over the documents that re
 (documents with more than a+1 tokens); a shorter document is left out of that bucket, a longer
 one contributes its positions inside the bucket.  The trailing loss is the mean loss of the last
 N positions of the documents evaluated at the full length (at least seq_length + 1 tokens).
-``tools/eval_positional_loss.py`` is the command line.
+``run`` is what the command line, ``tools/eval_positional_loss.py``, does: every checkpoint, tables, files.
 """
 from __future__ import annotations
 
@@ -226,3 +226,45 @@ def plot_results(results: list, path: str) -> str:
     fig.savefig(path, dpi=130)
     plt.close(fig)
     return path
+
+
+def run(loads: List[str], data_path: str, labels: Optional[List[str]] = None, num_docs: Optional[int] = None,
+        seq_length: Optional[int] = None, bucket_width: int = 2048, trailing_tokens: Optional[int] = None,
+        micro_batch_size: int = 1, tensor_model_parallel_size: int = 1, out: Optional[str] = None,
+        plot: Optional[str] = None, progress: bool = True) -> list:
+    """What tools/eval_positional_loss.py does: check the flags and checkpoints, read the documents,
+    evaluate every checkpoint, then (rank 0 only) print each one's buckets, write OUT/positional_loss
+    .json/.csv (``out``) and the plot (``plot``).  Returns the results.  A bad flag or input: ValueError
+    or FileNotFoundError naming the flag.  Without CUDA the caller applies the CPU shim first
+    (megatron_moba.training.compat.apply_patches)."""
+    labels = labels or [default_label(d) for d in loads]
+    if len(labels) != len(loads):
+        raise ValueError(f"--labels names {len(labels)} checkpoints, --load gives {len(loads)}")
+    if num_docs is not None and num_docs < 1:
+        raise ValueError("--num-docs must be >= 1")
+    lengths = []
+    for d in loads:
+        check_checkpoint(d)
+        lengths.append(seq_length or saved_args(d).seq_length)
+        make_buckets(lengths[-1], bucket_width)          # a too-wide bucket fails before any loading
+    docs = read_documents(data_path, max(lengths) + 1, num_docs)
+    results = [evaluate_checkpoint(d, docs, bucket_width, trailing_tokens, seq_length, micro_batch_size, label,
+                                   tensor_model_parallel_size, progress=progress)
+               for d, label in zip(loads, labels)]
+    import torch.distributed as dist
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return results
+    for r in results:
+        trailing = (f", last {r['trailing_tokens']} positions {r['trailing_loss']:.4f} "
+                    f"({r['trailing_documents']} documents)" if r["trailing_loss"] else "")
+        print(f"\n{r['label']} ({r['variant']}, iteration {r['iteration']}, {r['documents']} documents): "
+              f"loss {r['overall_loss']:.4f}" + trailing)
+        for b in r["buckets"]:
+            loss = "-" if b["loss"] is None else f"{b['loss']:.4f}"
+            print(f"  {b['bucket']:>12}  loss {loss:>7}  ({b['tokens']} tokens, {b['documents']} documents)")
+    if out:
+        for path in write_results(results, out):
+            print(f"wrote {path}")
+    if plot:
+        print(f"wrote {plot_results(results, plot)}")
+    return results

@@ -239,3 +239,30 @@ def export_from_checkpoint(load_dir: str, out_dir: str, hf_config=None) -> None:
     load_checkpoint(load_dir, model, finetune=True)
     weights = {k: v.detach().cpu() for k, v in model.named_parameters()}
     save_hf(cfg, megatron_to_hf(cfg, weights), out_dir)
+
+
+def _single_process() -> None:
+    """One process (TP = PP = CP = 1): the parallel state the conversions build their model in."""
+    from types import SimpleNamespace
+
+    from megatron_moba.training.parallel import initialize_distributed
+    initialize_distributed(SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+                                           context_parallel_size=1, seed=0))
+
+
+def run_import(hf_dir: str, save_dir: str) -> list:
+    """What ``tools/convert_hf_checkpoint.py import`` does: ``import_to_checkpoint`` in one process,
+    then print the flags to train with.  Returns them.  Without CUDA the caller applies the CPU shim
+    first (megatron_moba.training.compat.apply_patches)."""
+    _single_process()
+    flags = import_to_checkpoint(hf_dir, save_dir)
+    print(f"wrote {save_dir} (iteration 0, weights only). Train with:\n  --load {save_dir} --finetune "
+          + " ".join(flags))
+    return flags
+
+
+def run_export(load_dir: str, out_dir: str, hf_config=None) -> None:
+    """What ``tools/convert_hf_checkpoint.py export`` does: ``export_from_checkpoint`` in one process."""
+    _single_process()
+    export_from_checkpoint(load_dir, out_dir, hf_config)
+    print(f"wrote {out_dir}/config.json and model.safetensors")

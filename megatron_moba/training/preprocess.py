@@ -181,6 +181,49 @@ def build_indexed_dataset(texts: Iterator[str], output_prefix: str, tokenizer_ty
     return dict(documents=docs, tokens=tokens, vocab_size=tokenizer.vocab_size, eod=tokenizer.eod)
 
 
+def sentencepiece_prefix(model: str) -> str:
+    """The prefix SentencePiece writes PREFIX.model/.vocab under, for the path of its .model file."""
+    return model[:-len(".model")] if model.endswith(".model") else model
+
+
+def output_files(output_prefix: str, train_tokenizer_model: Optional[str] = None) -> List[str]:
+    """The files a run writes: PREFIX.bin/.idx, and the trained tokenizer's .model/.vocab."""
+    outputs = [output_prefix + ".bin", output_prefix + ".idx"]
+    if train_tokenizer_model:
+        model_prefix = sentencepiece_prefix(train_tokenizer_model)
+        outputs += [model_prefix + ".model", model_prefix + ".vocab"]
+    return outputs
+
+
+def run(inputs: List[str], output_prefix: str, tokenizer_type: str, tokenizer_model: Optional[str] = None,
+        vocab_size: Optional[int] = None, input_format: str = "jsonl", json_key: str = "text",
+        train_tokenizer: bool = False, workers: int = 1, overwrite: bool = False) -> dict:
+    """What tools/preprocess_data.py does once its flags are checked: with ``train_tokenizer``, first
+    train a SentencePiece model of ``vocab_size`` pieces on the input (saved as ``tokenizer_model``,
+    moved into place only after the dataset is written), then tokenize the input (JSONL files, or one
+    HF dataset directory with ``input_format="hf"``) into PREFIX.bin/.idx.  Prints what it wrote;
+    returns the counts of ``build_indexed_dataset``.  Bad input: ValueError or OSError."""
+    model_prefix = sentencepiece_prefix(tokenizer_model) if train_tokenizer else None
+
+    def texts():
+        if input_format == "hf":
+            return read_hf_dataset(inputs[0], json_key)
+        return read_jsonl(inputs, json_key)
+    with staging_directory(model_prefix) if model_prefix else contextlib.nullcontext() as tmp:
+        if model_prefix:     # trained into tmp; moved into place after the dataset is written
+            tokenizer_model = train_sentencepiece(texts(), os.path.join(tmp, "spm"), vocab_size)
+            print(f"trained the tokenizer ({vocab_size} pieces)")
+        stats = build_indexed_dataset(texts(), output_prefix, tokenizer_type, tokenizer_model, vocab_size,
+                                      workers=workers, overwrite=overwrite)
+        if model_prefix:
+            for ext in (".vocab", ".model"):
+                os.replace(os.path.join(tmp, "spm" + ext), model_prefix + ext)
+            print(f"wrote {model_prefix}.model")
+    print(f"wrote {output_prefix}.bin/.idx: {stats['documents']} documents, {stats['tokens']} tokens "
+          f"(vocab {stats['vocab_size']}, eod {stats['eod']})")
+    return stats
+
+
 def stdlib_corpus(path: str, max_bytes: int) -> int:
     """A corpus that needs no download: the Python standard library's larger source files
     (>= 8 KB each, up to ``max_bytes`` in all) written as JSONL documents ``{"text", "path"}``

@@ -3,7 +3,7 @@
 ``compile_kernel`` lowers one kernel with Triton's own compiler and the ``ptxas`` bundled with
 Triton for ``GPUTarget("cuda", arch, 32)`` and reports what the hardware limits depend on:
 registers, spill bytes, shared memory and ptxas performance warnings (C7515 and the like).
-Used by tools/triton_aot_report.py and tests/kernels/test_triton_aot.py.
+Used by ``aot_report`` (tools/triton_aot_report.py) and tests/kernels/test_triton_aot.py.
 
 Must run without ``TRITON_INTERPRET`` (the interpreter replaces ``@triton.jit``): callers start a
 child process with that variable removed (``child_env``).
