@@ -12,7 +12,7 @@ from megatron_moba.eval.sweep.plan import data_paths
 
 
 def prepare_data(desc: dict, out: str, write_corpus: Optional[Callable] = None, log=print) -> None:
-    """For ``data.stdlib_corpus``: corpus JSONL (``write_corpus(path, max_bytes)``, default
+    """For ``data.stdlib_corpus``: corpus JSONL (``write_corpus(path, max_bytes, include_tests)``, default
     ``preprocess.stdlib_corpus``), every eval_every-th
     document held out for evaluation, SentencePiece trained on the rest, two indexed datasets."""
     cfg = desc["data"]["stdlib_corpus"]
@@ -29,7 +29,7 @@ def prepare_data(desc: dict, out: str, write_corpus: Optional[Callable] = None, 
     write_corpus = write_corpus or stdlib_corpus
     corpus = os.path.join(os.path.dirname(paths["train"]), "corpus.jsonl")
     os.makedirs(os.path.dirname(corpus), exist_ok=True)
-    n = write_corpus(corpus, cfg["max_bytes"])
+    n = write_corpus(corpus, cfg["max_bytes"], cfg["include_tests"])
     texts = [json.loads(line)["text"] for line in open(corpus)]
     every = cfg["eval_every"]
     train = [t for i, t in enumerate(texts) if i % every != every - 1]

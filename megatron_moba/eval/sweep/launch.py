@@ -55,10 +55,45 @@ def slurm_script(runs: List[Run], desc: dict, out: str, description_path: str, p
     return "\n".join(lines)
 
 
+def provenance() -> dict:
+    """Where a result comes from: the checkout's commit (and whether it had uncommitted changes), the
+    versions of Python, torch and megatron-core, the machine."""
+    import platform
+    import subprocess
+    from importlib import metadata
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", "-C", REPO, *a], capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    versions = {"python": platform.python_version()}
+    for pkg in ("torch", "megatron-core", "sentencepiece", "numpy"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    machine = dict(platform=platform.platform(), processor=platform.machine(), cpus=os.cpu_count())
+    return dict(commit=git("rev-parse", "HEAD") or None, dirty=dirty, versions=versions, machine=machine)
+
+
+def _job_tokens_per_s(log_lines: List[str]) -> Optional[float]:
+    """The mean of the job's own "N tokens/s" figures (step time only: saves and evaluation excluded)."""
+    import re
+    rates = [float(m.group(1)) for x in log_lines if x.startswith("iteration")
+             for m in [re.search(r"\| (\d+(?:\.\d+)?) tokens/s", x)] if m]
+    return sum(rates) / len(rates) if rates else None
+
+
 def train_locally(runs: List[Run], desc: dict, python: str, log=print) -> None:
-    """Train every run that has no final checkpoint yet, one after another (output in RUN/train.log)."""
+    """Train every run that has no final checkpoint yet, one after another (output in RUN/train.log,
+    wall time, tokens/s and provenance in RUN/run.json).  One line per run: run i of n, its
+    throughput, and the time left estimated from the FLOPs per second (6·N·D) of the runs so far."""
+    import json
     import subprocess
     import time
+    done_flops = done_s = 0.0
     for i, r in enumerate(runs, 1):
         if r.done():
             log(f"[{i}/{len(runs)}] {r.name}: final checkpoint exists, skipped")
@@ -72,9 +107,21 @@ def train_locally(runs: List[Run], desc: dict, python: str, log=print) -> None:
             path = os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "")      # its torchrun too
             code = subprocess.call(launch_command(r, desc, python), stdout=f, stderr=subprocess.STDOUT,
                                    env=dict(os.environ, PATH=path, **desc["launch"]["env"]))
+        wall = time.time() - t0
         tail = open(logfile).read().splitlines()
         if code != 0 or not r.done():
             raise RuntimeError(f"run {r.name} failed (exit code {code}); last lines of {logfile}:\n  " +
                                "\n  ".join(tail[-15:]))
+        rate = _job_tokens_per_s(tail)
+        meta = dict(name=r.name, model=r.model, variant=r.variant, non_embedding_params=r.params,
+                    train_tokens=r.tokens, train_iters=r.train_iters, compute_pflops_days=r.compute_pflops_days,
+                    wall_s=round(wall, 1), tokens_per_s_wall=round(r.tokens / wall, 1),
+                    tokens_per_s_job=round(rate, 1) if rate else None, argv=r.argv, env=desc["launch"]["env"],
+                    finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
+        with open(os.path.join(r.directory, "run.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        done_flops, done_s = done_flops + 6.0 * r.params * r.tokens, done_s + wall
+        left = sum(6.0 * x.params * x.tokens for x in runs[i:] if not x.done()) * done_s / done_flops
         last = next((x for x in reversed(tail) if x.startswith("iteration")), "")
-        log(f"    done in {time.time() - t0:.0f} s: {last[:60]}")
+        log(f"[{i}/{len(runs)}] {r.name}: done in {wall:.0f} s, {r.tokens / wall:,.0f} tokens/s "
+            f"(job: {rate or 0:,.0f}), estimated {left / 60:.1f} min left: {last[:60]}")

@@ -11,6 +11,7 @@ Layout under the sweep's output directory OUT::
 """
 from __future__ import annotations
 
+import math
 import os
 import shlex
 from dataclasses import dataclass, field
@@ -88,33 +89,47 @@ def plan_runs(desc: dict, out: str) -> List[Run]:
     data_flags += ["--tokenizer-type", data["tokenizer_type"]]
     data_flags += ["--tokenizer-model", data["tokenizer_model"]] if data["tokenizer_model"] else []
     data_flags += ["--vocab-size", str(data["vocab_size"])] if data["vocab_size"] else []
-    runs = []
-    for m in desc["models"]:
-        iters = m["train_iters"]
+    def flags(m: dict, variant: str, iters: int, directory: str) -> List[str]:
         warmup = desc["warmup_iters"] if desc["warmup_iters"] is not None else min(max(1, iters // 10), iters - 1)
         model_flags = ["--num-layers", m["layers"], "--hidden-size", m["hidden"], "--num-attention-heads", m["heads"]]
         model_flags += ["--num-query-groups", m["query_groups"]] if m["query_groups"] else []
         model_flags += ["--ffn-hidden-size", m["ffn_hidden"]] if m["ffn_hidden"] else []
+        ckpt = os.path.join(directory, "ckpt")
+        attention = ["--attention", variant] + (
+            ["--moba-chunk-size", moba["chunk"], "--moba-topk", moba["topk"],
+             "--moba-full-attn-layers", moba["full_attn_layers"]] if variant == "moba" else [])
+        return [str(a) for a in model_flags + attention + [
+            "--seq-length", s, "--micro-batch-size", desc["micro_batch"], "--global-batch-size", gb,
+            "--train-iters", iters, "--lr", m["lr"], "--min-lr", desc["min_lr"] if desc["min_lr"] is not None
+            else m["lr"] / 10, "--lr-warmup-iters", warmup, "--seed", desc["seed"],
+            "--log-interval", min(max(1, iters // 10), iters - 1), "--save", ckpt, "--load", ckpt,
+            "--metrics-file", os.path.join(directory, "metrics.jsonl")] + data_flags] + desc["extra_args"]
+
+    def parsed(name: str, argv: List[str]):
+        try:
+            return parse_args(argv, world_size=desc["launch"]["nproc_per_node"])
+        except SystemExit:
+            raise ValueError(f"run {name}: the pretraining job rejects its flags (message above): "
+                             f"{shlex.join(argv)}") from None
+
+    def params_of(m: dict, args) -> int:
+        return non_embedding_params(m["layers"], m["hidden"], m["heads"], args.num_query_groups,
+                                    args.ffn_hidden_size, args.swiglu, not args.disable_bias_linear,
+                                    args.normalization == "LayerNorm")
+
+    runs = []
+    for m in desc["models"]:
+        iters = m["train_iters"]
+        if iters is None:               # tokens_per_param: D = ratio x N, rounded up to whole iterations
+            probe = parsed(m["name"], flags(m, desc["variants"][0], 2, os.path.join(out, "runs", m["name"])))
+            iters = math.ceil(desc["tokens_per_param"] * params_of(m, probe) / (gb * s))
+            if iters < 2:
+                raise ValueError(f"models {m['name']}: tokens_per_param {desc['tokens_per_param']} gives "
+                                 f"{iters} iteration(s); a run needs at least 2")
         for variant in desc["variants"]:
             name = f"{m['name']}-{variant}"
             directory = os.path.join(out, "runs", name)
-            ckpt = os.path.join(directory, "ckpt")
-            attention = ["--attention", variant] + (
-                ["--moba-chunk-size", moba["chunk"], "--moba-topk", moba["topk"],
-                 "--moba-full-attn-layers", moba["full_attn_layers"]] if variant == "moba" else [])
-            argv = [str(a) for a in model_flags + attention + [
-                "--seq-length", s, "--micro-batch-size", desc["micro_batch"], "--global-batch-size", gb,
-                "--train-iters", iters, "--lr", m["lr"], "--min-lr", desc["min_lr"] if desc["min_lr"] is not None
-                else m["lr"] / 10, "--lr-warmup-iters", warmup, "--seed", desc["seed"],
-                "--log-interval", min(max(1, iters // 10), iters - 1), "--save", ckpt, "--load", ckpt,
-                "--metrics-file", os.path.join(directory, "metrics.jsonl")] + data_flags] + desc["extra_args"]
-            try:
-                args = parse_args(argv, world_size=desc["launch"]["nproc_per_node"])
-            except SystemExit:
-                raise ValueError(f"run {name}: the pretraining job rejects its flags (message above): "
-                                 f"{shlex.join(argv)}") from None
-            params = non_embedding_params(m["layers"], m["hidden"], m["heads"], args.num_query_groups,
-                                          args.ffn_hidden_size, args.swiglu, not args.disable_bias_linear,
-                                          args.normalization == "LayerNorm")
+            argv = flags(m, variant, iters, directory)
+            params = params_of(m, parsed(name, argv))
             runs.append(Run(name, m, variant, directory, iters, argv, params, iters * gb * s))
     return runs

@@ -14,11 +14,11 @@ import os
 SCHEMA = {      # key -> (default, nested schema or None); REQUIRED marks keys without a default
     "name": ("sweep", None), "out": (None, None), "models": ("REQUIRED", None), "variants": (["moba", "full"], None),
     "seq_length": ("REQUIRED", None), "global_batch": ("REQUIRED", None), "micro_batch": (None, None),
-    "tokens": (None, None), "train_iters": (None, None), "lr": (3e-4, None), "min_lr": (None, None),
-    "warmup_iters": (None, None), "seed": (1234, None), "extra_args": ([], None),
+    "tokens": (None, None), "train_iters": (None, None), "tokens_per_param": (None, None), "lr": (3e-4, None),
+    "min_lr": (None, None),    "warmup_iters": (None, None), "seed": (1234, None), "extra_args": ([], None),
     "moba": ({}, {"chunk": (512, None), "topk": (3, None), "full_attn_layers": (0, None)}),
     "data": ("REQUIRED", {"stdlib_corpus": (None, {"max_bytes": (4_000_000, None), "vocab_size": (2048, None),
-                                                   "eval_every": (10, None)}),
+                                                   "eval_every": (10, None), "include_tests": (False, None)}),
                           "train": (None, None), "eval": (None, None), "mock": (False, None),
                           "tokenizer_type": ("NullTokenizer", None), "tokenizer_model": (None, None),
                           "vocab_size": (None, None), "split": ("100,0,0", None)}),
@@ -81,11 +81,17 @@ def validate(desc: dict) -> dict:
             raise ValueError(f"models[{i}]: two models are named {m['name']!r}")
         names.add(m["name"])
         tokens, iters = m["tokens"] or d["tokens"], m["train_iters"] or d["train_iters"]
-        if bool(tokens) == bool(iters):
-            raise ValueError(f"models[{i}] ({m['name']}): give exactly one of tokens and train_iters "
-                             "(at the top level or per model)")
-        m["train_iters"] = _positive_int(iters, f"models[{i}].train_iters") if iters else \
-            math.ceil(_positive_int(tokens, f"models[{i}].tokens") / (gb * s))
+        ratio = d["tokens_per_param"] if not (m["tokens"] or m["train_iters"]) else None
+        if (bool(tokens) + bool(iters) + (ratio is not None)) != 1:
+            raise ValueError(f"models[{i}] ({m['name']}): give exactly one of tokens, train_iters (at the top "
+                             "level or per model) and tokens_per_param (top level)")
+        if ratio is not None:
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not ratio > 0:
+                raise ValueError(f"tokens_per_param must be a positive number, got {ratio!r}")
+            m["train_iters"] = None         # set by plan_runs from N: ceil(ratio * N / (global_batch * seq_length))
+        else:
+            m["train_iters"] = _positive_int(iters, f"models[{i}].train_iters") if iters else \
+                math.ceil(_positive_int(tokens, f"models[{i}].tokens") / (gb * s))
         m["lr"] = float(m["lr"] or d["lr"])
         models.append(m)
     d["models"] = models
