@@ -2,6 +2,8 @@
 """Scaling sweep: MoBA and full-attention training runs per model size, positional loss, one table, fits.
 
     python tools/scaling_sweep.py --preset cpu-tiny --out runs/sweeps/cpu-tiny     # end to end on CPU
+    python tools/scaling_sweep.py --preset cpu-small --out runs/sweeps/cpu-small \
+        --publish benchmarks/results/scaling_cpu_small                             # the README's figures
     python tools/scaling_sweep.py examples/sweeps/gpu-small.yaml --print          # the commands only
     python tools/scaling_sweep.py my_sweep.yaml --slurm sweep.sbatch              # a Slurm array script
 
@@ -10,8 +12,11 @@ Steps: data (built for `stdlib_corpus`), training of every (model, variant) run 
 checkpoint exists are skipped, so a sweep resumes where it stopped), the positional loss of each
 final checkpoint (megatron_moba.eval.positional_loss), then OUT/table.csv (variant, bucket,
 compute_pflops_days, loss, model, non_embedding_params, train_tokens, layers, hidden, ...: the
-input of tools/fit_scaling.py), OUT/positional_loss.png, and the fits: OUT/fits.json,
-OUT/scaling.png/.pdf.  Compute C = 6·N·D (N non-embedding parameters, D training tokens) in
+input of tools/fit_scaling.py), OUT/positional_loss.png, OUT/positional.png (the largest
+MoBA/full pair), the fits against 6ND (OUT/fits.json, OUT/scaling.png/.pdf) and against the FLOPs
+the job counts, attention included (OUT/fits_job_flops.json, OUT/scaling_job_flops.png), and
+OUT/comparison.json (the MoBA/full loss ratio at the largest compute, fitted and measured, with
+95% intervals).  Compute C = 6·N·D (N non-embedding parameters, D training tokens) in
 PFLOP/s-days (8.64e19 FLOPs).  After `--slurm`, submit the script; once its tasks are done run the
 same command without --slurm to evaluate, tabulate and fit.
 
@@ -20,13 +25,15 @@ The description (YAML or JSON; examples/sweeps/*.yaml):
   models: [{layers, hidden, heads, [name, query_groups, ffn_hidden, tokens | train_iters, lr]}]
   variants: [moba, full]          seq_length, global_batch, micro_batch
   tokens | train_iters            per model (D = train_iters x global_batch x seq_length)
+  tokens_per_param                or D = this ratio x N for every model (rounded up to whole iterations)
   lr, min_lr (lr/10), warmup_iters (iters/10), seed
   moba: {chunk, topk, full_attn_layers}
-  data: {stdlib_corpus: {max_bytes, vocab_size, eval_every}}      the Python stdlib's sources, no download
+  data: {stdlib_corpus: {max_bytes, vocab_size, eval_every, include_tests}}   the stdlib's sources, no download
       | {train: PREFIX, eval: PREFIX, tokenizer_type, tokenizer_model, vocab_size, split}
       | {mock: true, vocab_size, eval: PREFIX}
   eval: {bucket_width, trailing_tokens, num_docs, micro_batch}
-  fit: {buckets: [names to fit; default all], ratio_at: PFLOP/s-days}
+  fit: {buckets: [names to fit; default all], ratio_at: PFLOP/s-days, panels: [buckets drawn; default the
+        first and the trailing], extend_decades: projections past the largest run (1)}
   extra_args: [more pretraining flags, e.g. --bf16 --swiglu]
   launch: {nproc_per_node, env: {VAR: value}}
   slurm: {partition, account, time, gpus_per_task, cpus_per_task, extra}
@@ -58,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--slurm", metavar="FILE",
                    help="build the data, write a Slurm array script (one task per run), stop")
     p.add_argument("--nproc-per-node", type=int, default=None, help="launch training with torchrun on N processes")
+    p.add_argument("--publish", metavar="DIR", help="at the end, copy the table, fits, figures, every run's metrics "
+                   "and a summary.json (settings, data, wall times, commits, versions) to DIR, "
+                   "e.g. benchmarks/results/scaling_cpu_small")
     args = p.parse_args(argv)
     if bool(args.description) == bool(args.preset):
         p.error("give a description file or --preset NAME (one of them)")
@@ -91,6 +101,8 @@ def main(argv=None) -> int:
         from megatron_moba.training.compat import apply_patches
         apply_patches("torch")          # the evaluation, without CUDA: megatron-core's CPU shim
         sweep.summarize(runs, desc, out)
+        if args.publish:
+            sweep.publish(runs, desc, out, args.publish)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,7 @@
     docs = read_documents("data/eval_text_document", max_tokens=16385, num_docs=256)
     result = evaluate_checkpoint("runs/moba/ckpt", docs, bucket_width=2048, trailing_tokens=2048)
     result["buckets"]   # [{bucket: "0k-2k", start, end, loss, tokens, documents}, ...]
+    result["per_document"]  # each document's loss sums and tokens per bucket (paired comparisons)
 
 Every document is evaluated on its own, from its first token, truncated to ``seq_length + 1``
 tokens (the checkpoint's --seq-length unless given).  The loss at position p is the loss of
@@ -82,18 +83,34 @@ class BucketSums:
         self.tokens = np.zeros(len(buckets), dtype=np.int64)
         self.docs = np.zeros(len(buckets), dtype=np.int64)
         self.trail_sum, self.trail_docs = 0.0, 0
+        self.per_document = {}          # document index -> (bucket sums, bucket tokens, trailing sum or None)
 
-    def add(self, losses: np.ndarray) -> None:
-        """One document's losses [n], n = its token count (capped at seq_length + 1) - 1."""
+    def add(self, losses: np.ndarray, doc: Optional[int] = None) -> None:
+        """One document's losses [n], n = its token count (capped at seq_length + 1) - 1; ``doc``:
+        its index, to keep its own sums (paired comparisons of two checkpoints on the same documents)."""
         n = len(losses)
+        sums, tokens, trail = [0.0] * len(self.buckets), [0] * len(self.buckets), None
         for i, (_, a, b) in enumerate(self.buckets):
             if n > a:
-                self.sums[i] += float(losses[a:min(n, b)].sum(dtype=np.float64))
-                self.tokens[i] += min(n, b) - a
+                sums[i] = float(losses[a:min(n, b)].sum(dtype=np.float64))
+                tokens[i] = min(n, b) - a
+                self.sums[i] += sums[i]
+                self.tokens[i] += tokens[i]
                 self.docs[i] += 1
         if n == self.seq_length:
-            self.trail_sum += float(losses[n - self.trailing:].sum(dtype=np.float64))
+            trail = float(losses[n - self.trailing:].sum(dtype=np.float64))
+            self.trail_sum += trail
             self.trail_docs += 1
+        if doc is not None:
+            self.per_document[doc] = (sums, tokens, trail)
+
+    def documents(self) -> dict:
+        """Per document (in document order): its loss sums and token counts per bucket and its
+        trailing loss sum (None below seq_length + 1 tokens), for paired comparisons."""
+        order = sorted(self.per_document)
+        return dict(index=order, bucket_sums=[self.per_document[i][0] for i in order],
+                    bucket_tokens=[self.per_document[i][1] for i in order],
+                    trailing_sums=[self.per_document[i][2] for i in order])
 
     def rows(self) -> list:
         return [dict(bucket=name, start=a, end=b, loss=float(self.sums[i] / self.tokens[i]) if self.tokens[i] else None,
@@ -146,8 +163,8 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
     model, args, tokenizer = load_for_eval(load_dir, seq_length=s,
                                            tensor_model_parallel_size=tensor_model_parallel_size)
     sums = BucketSums(buckets, s, trailing)
-    for _, losses in document_losses(model, docs, s, micro_batch_size, tokenizer.eod, progress):
-        sums.add(losses)
+    for doc, losses in document_losses(model, docs, s, micro_batch_size, tokenizer.eod, progress):
+        sums.add(losses, doc)
     rows = sums.rows()
     evaluated = sum(r["tokens"] for r in rows)
     result = dict(label=label or default_label(load_dir), checkpoint=load_dir, variant=args.attention,
@@ -155,7 +172,8 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
                   moba_chunk_size=args.moba_chunk_size, moba_topk=args.moba_topk, documents=len(docs),
                   overall_loss=float(sum(sums.sums) / evaluated), overall_tokens=int(evaluated), buckets=rows,
                   trailing_tokens=trailing, trailing_documents=sums.trail_docs,
-                  trailing_loss=sums.trail_sum / (sums.trail_docs * trailing) if sums.trail_docs else None)
+                  trailing_loss=sums.trail_sum / (sums.trail_docs * trailing) if sums.trail_docs else None,
+                  per_document=sums.documents())
     del model
     gc.collect()
     if torch.cuda.is_available():

@@ -33,21 +33,23 @@ _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
         2.045, 2.042]
 
 
-def read_points(path: str) -> dict:
-    """{(variant, bucket): [(compute, loss), ...]} with clear errors for unusable input."""
+def read_points(path: str, compute_column: str = "compute_pflops_days") -> dict:
+    """{(variant, bucket): [(compute, loss), ...]} with clear errors for unusable input;
+    ``compute_column``: the column of the x axis (e.g. the sweep table's job_compute_pflops_days)."""
     if not os.path.isfile(path):
         raise ValueError(f"{path}: no such file")
+    need = ("variant", "bucket", compute_column, "loss")
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+        missing = [c for c in need if c not in (reader.fieldnames or [])]
         if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; need {list(REQUIRED)}")
+            raise ValueError(f"{path}: missing column(s) {missing}; need {list(need)}")
         points = defaultdict(list)
         for line, row in enumerate(reader, 2):
             try:
-                c, loss = float(row["compute_pflops_days"]), float(row["loss"])
+                c, loss = float(row[compute_column]), float(row["loss"])
             except ValueError:
-                raise ValueError(f"{path}:{line}: compute_pflops_days and loss must be numbers") from None
+                raise ValueError(f"{path}:{line}: {compute_column} and loss must be numbers") from None
             if c <= 0 or loss <= 0:
                 raise ValueError(f"{path}:{line}: compute and loss must be positive for a log-log fit")
             points[(row["variant"], row["bucket"])].append((c, loss))
@@ -68,14 +70,66 @@ def fit_power_law(compute, loss) -> dict:
     resid = y - (log_a + b * x)
     ss_tot = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else 1.0
-    out = dict(a=math.exp(log_a), b=b, r2=r2, n=n, a_ci=None, b_ci=None)
+    out = dict(a=math.exp(log_a), b=b, r2=r2, n=n, a_ci=None, b_ci=None,
+               log_c_mean=float(x.mean()), log_c_sxx=sxx, resid_var=None)
     if n > 2:
-        s2 = float((resid ** 2).sum()) / (n - 2)
-        t = _T95[n - 3] if n - 2 <= len(_T95) else 1.96
+        s2 = out["resid_var"] = float((resid ** 2).sum()) / (n - 2)
+        t = t95(n - 2)
         se_b, se_log_a = math.sqrt(s2 / sxx), math.sqrt(s2 * (1 / n + x.mean() ** 2 / sxx))
         out["b_ci"] = [b - t * se_b, b + t * se_b]
         out["a_ci"] = [math.exp(log_a - t * se_log_a), math.exp(log_a + t * se_log_a)]
     return out
+
+
+def t95(df: int) -> float:
+    """Two-sided 95% Student t quantile with ``df`` degrees of freedom (normal beyond 30)."""
+    return _T95[df - 1] if df <= len(_T95) else 1.96
+
+
+def predict(fit: dict, compute: float) -> dict:
+    """The fitted loss at ``compute`` with the 95% interval of the fitted line there (Student t, in
+    log space; None for fits of two points): {loss, ci, log_se}."""
+    x = math.log(compute)
+    loss = fit["a"] * compute ** fit["b"]
+    if fit.get("resid_var") is None:
+        return dict(loss=loss, ci=None, log_se=None)
+    se = math.sqrt(fit["resid_var"] * (1 / fit["n"] + (x - fit["log_c_mean"]) ** 2 / fit["log_c_sxx"]))
+    t = t95(fit["n"] - 2)
+    return dict(loss=loss, ci=[loss * math.exp(-t * se), loss * math.exp(t * se)], log_se=se)
+
+
+def ratio_interval(fits: dict, bucket: str, compute: float) -> dict:
+    """Fitted loss of moba over full at ``compute`` with a 95% interval: the two fits are
+    independent, so the log ratio's variance is the sum of the two fitted lines' variances there
+    (t quantile with the fits' pooled degrees of freedom).  {ratio, ci}"""
+    m, f = predict(fits["moba"][bucket], compute), predict(fits["full"][bucket], compute)
+    ratio = m["loss"] / f["loss"]
+    if m["log_se"] is None or f["log_se"] is None:
+        return dict(ratio=ratio, ci=None)
+    se = math.hypot(m["log_se"], f["log_se"])
+    t = t95(fits["moba"][bucket]["n"] + fits["full"][bucket]["n"] - 4)
+    return dict(ratio=ratio, ci=[ratio * math.exp(-t * se), ratio * math.exp(t * se)])
+
+
+def paired_ratio(sums_a, tokens_a, sums_b, tokens_b, resamples: int = 2000, seed: int = 0) -> dict:
+    """Measured loss ratio A/B of two checkpoints on the same documents (per-document loss sums and
+    token counts), with a 95% percentile bootstrap interval over documents (resampled in pairs):
+    {ratio, ci, documents}.  Documents with no tokens in the bucket are left out."""
+    sa, ta, sb, tb = (np.asarray(v, float) for v in (sums_a, tokens_a, sums_b, tokens_b))
+    if not (sa.shape == ta.shape == sb.shape == tb.shape):
+        raise ValueError("paired_ratio needs the same documents for both checkpoints")
+    if not np.array_equal(ta, tb):
+        raise ValueError("paired_ratio: the two evaluations counted different tokens per document")
+    keep = ta > 0
+    sa, sb, t = sa[keep], sb[keep], ta[keep]
+    if not len(t):
+        raise ValueError("paired_ratio: no document has tokens in this bucket")
+    ratio = float(sa.sum() / sb.sum())
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(t), size=(resamples, len(t)))                  # [resamples, documents]
+    boot = sa[idx].sum(1) / sb[idx].sum(1)
+    return dict(ratio=ratio, ci=[float(np.percentile(boot, 2.5)), float(np.percentile(boot, 97.5))],
+                documents=int(len(t)))
 
 
 def fit_all(points: dict) -> dict:
@@ -90,12 +144,19 @@ def fit_all(points: dict) -> dict:
     return dict(fits)
 
 
-def plot(points: dict, fits: dict, out_dir: str) -> list:
-    """One log-log panel per bucket: the points and fitted projections; returns [png, pdf] paths."""
+def plot(points: dict, fits: dict, out_dir: str, panels: Optional[Sequence[str]] = None, extend_decades: float = 0.6,
+         xlabel: str = "Training compute (PFLOP/s-days)", name: str = "scaling", title: Optional[str] = None) -> list:
+    """One log-log panel per bucket (``panels``: these buckets, in this order; default every fitted
+    one): the measured points and the fitted projections, drawn from half the smallest compute to
+    ``extend_decades`` decades past the largest; returns [DIR/NAME.png, DIR/NAME.pdf]."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    buckets = sorted({b for _, b in points}, key=lambda s: (len(s), s))
+    buckets = list(panels) if panels else sorted({b for _, b in points}, key=lambda s: (len(s), s))
+    missing = [b for b in buckets if not any(b in per for per in fits.values())]
+    if missing:
+        raise ValueError(f"no fit for the panel bucket(s) {missing} (fitted: "
+                         f"{sorted({b for per in fits.values() for b in per})})")
     fig, axes = plt.subplots(1, len(buckets), figsize=(5 * len(buckets), 4.2), squeeze=False)
     for ax, bucket in zip(axes[0], buckets):
         for variant in sorted(fits):
@@ -103,19 +164,21 @@ def plot(points: dict, fits: dict, out_dir: str) -> list:
                 continue
             c, loss = zip(*sorted(points[(variant, bucket)]))
             color = COLORS.get(variant.lower())
-            name = NAMES.get(variant.lower(), variant)
-            ax.scatter(c, loss, color=color, label=name, zorder=3)
+            label = NAMES.get(variant.lower(), variant)
+            ax.scatter(c, loss, color=color, label=label, zorder=3)
             f = fits[variant][bucket]
-            grid = np.geomspace(min(c) / 2, max(c) * 4, 100)
-            ax.plot(grid, f["a"] * grid ** f["b"], "--", color=color, label=f"{name} Projection")
+            grid = np.geomspace(min(c) / 2, max(c) * 10 ** extend_decades, 100)
+            ax.plot(grid, f["a"] * grid ** f["b"], "--", color=color, label=f"{label} Projection")
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("Training compute (PFLOP/s-days)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(f"LM Loss {bucket}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    paths = [os.path.join(out_dir, "scaling.png"), os.path.join(out_dir, "scaling.pdf")]
+    paths = [os.path.join(out_dir, name + ".png"), os.path.join(out_dir, name + ".pdf")]
     for p in paths:
         fig.savefig(p, dpi=150)
     plt.close(fig)
@@ -140,17 +203,19 @@ def loss_ratio(fits: dict, bucket: str, compute: float) -> float:
 
 
 def fit_table(table: str, out: str, buckets: Optional[Sequence[str]] = None, ratio_at: Optional[float] = None,
-              log=print, indent: str = "") -> List[str]:
-    """Fit every (variant, bucket) of the CSV ``table`` (restricted to ``buckets``), write
-    OUT/fits.json and the plots, log one line per fit (and the fitted moba/full loss ratio at
-    ``ratio_at`` PFLOP/s-days); returns [fits.json, scaling.png, scaling.pdf].  Nothing is written
-    when the table cannot be fitted (ValueError)."""
+              log=print, indent: str = "", compute_column: str = "compute_pflops_days", name: str = "scaling",
+              fits_name: str = "fits", **plot_kw) -> List[str]:
+    """Fit every (variant, bucket) of the CSV ``table`` (restricted to ``buckets``) against its
+    ``compute_column``, write OUT/FITS_NAME.json and the plots (OUT/NAME.png/.pdf; ``plot_kw``:
+    ``plot``'s panels, extend_decades, xlabel, title), log one line per fit (and the fitted moba/full
+    loss ratio at ``ratio_at``); returns [json, png, pdf].  Nothing is written when the table
+    cannot be fitted (ValueError)."""
     if ratio_at is not None and not ratio_at > 0:
         raise ValueError(f"the loss ratio needs a positive compute, got {ratio_at!r}")
-    points = select_buckets(read_points(table), buckets, table)
+    points = select_buckets(read_points(table, compute_column), buckets, table)
     fits = fit_all(points)
     os.makedirs(out, exist_ok=True)
-    path = os.path.join(out, "fits.json")
+    path = os.path.join(out, fits_name + ".json")
     with open(path, "w") as f:
         json.dump(fits, f, indent=1)
     for variant, per_bucket in fits.items():
@@ -161,4 +226,4 @@ def fit_table(table: str, out: str, buckets: Optional[Sequence[str]] = None, rat
         for bucket in sorted(set(fits["moba"]) & set(fits["full"])):
             log(f"{indent}fitted loss ratio moba/full at {ratio_at:g} PFLOP/s-days, {bucket}: "
                 f"{loss_ratio(fits, bucket, ratio_at):.4f}")
-    return [path] + plot(points, fits, out)
+    return [path] + plot(points, fits, out, name=name, **plot_kw)

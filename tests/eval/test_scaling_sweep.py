@@ -157,7 +157,11 @@ def test_slurm_script_one_task_per_run_skips_finished_runs(tmp_path, monkeypatch
     (dict(models=[dict(layers=1, hidden=16)]), "missing key 'heads' in models[0]"),
     (dict(models=[dict(layers=1, hidden=18, heads=4)]), "models[0]: hidden (18) must be divisible by heads (4)"),
     (dict(models=[]), "models must be a non-empty list"),
-    (dict(tokens=1000), "give exactly one of tokens and train_iters"),
+    (dict(tokens=1000), "give exactly one of tokens, train_iters (at the top level or per model) and tokens_per_param"),
+    (dict(train_iters=None, tokens_per_param=0), "tokens_per_param must be a positive number, got 0"),
+    (dict(train_iters=None, tokens_per_param=1e-6), "tokens_per_param 1e-06 gives 1 iteration(s)"),
+    (dict(fit=dict(panels="0-16")), "fit.panels must be a list of bucket names"),
+    (dict(fit=dict(extend_decades=-1)), "fit.extend_decades must be a number >= 0, got -1"),
     (dict(variants=["moba", "sparse"]), "variants must be a list of moba and/or full"),
     (dict(eval=dict(bucket_width=128)), "eval.bucket_width (128) is larger than seq_length (64)"),
     (dict(global_batch=3, micro_batch=2), "global_batch (3) must be a multiple of micro_batch (2)"),
@@ -189,4 +193,15 @@ def test_missing_description_and_empty_table(tmp_path, capsys, monkeypatch):
 def test_help_from_any_directory(tmp_path):
     r = _sweep("--help", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "--preset {cpu-tiny,gpu-small}" in r.stdout and "slurm: {partition, account" in r.stdout
+    assert "--preset {cpu-small,cpu-tiny,gpu-small}" in r.stdout and "slurm: {partition, account" in r.stdout
+
+
+def test_tokens_per_param_sets_each_models_tokens(tmp_path):
+    from megatron_moba.eval import sweep
+    desc = sweep.load_description(_description(tmp_path, train_iters=None, tokens_per_param=20))
+    runs = sweep.plan_runs(desc, str(tmp_path / "o"))
+    for r in runs:      # D = ceil(20 N / tokens per iteration) iterations (N: checked against built models above)
+        n = sweep.non_embedding_params(r.model["layers"], 16, 2, layernorm=True)
+        assert r.params == n and r.train_iters == math.ceil(20 * n / 128) and r.tokens == r.train_iters * 128
+        assert f"--train-iters {r.train_iters} " in shlex.join(r.argv) + " "
+    assert runs[0].train_iters < runs[2].train_iters            # the deeper model trains on more tokens

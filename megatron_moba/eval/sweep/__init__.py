@@ -16,9 +16,19 @@ training), ``results`` (evaluation, table, fits).  Importing the package does no
 from megatron_moba.eval.sweep.data import prepare_data
 from megatron_moba.eval.sweep.launch import launch_command, slurm_script, train_locally
 from megatron_moba.eval.sweep.plan import PFLOPS_DAY, Run, data_paths, non_embedding_params, plan_runs
-from megatron_moba.eval.sweep.results import TABLE_FIELDS, evaluate_runs, summarize, table_rows, write_table
+from megatron_moba.eval.sweep.results import (
+    TABLE_FIELDS,
+    compare_pairs,
+    evaluate_runs,
+    job_compute,
+    publish,
+    summarize,
+    table_rows,
+    write_table,
+)
 from megatron_moba.eval.sweep.spec import MODEL_KEYS, SCHEMA, load_description, validate
 
-__all__ = ["MODEL_KEYS", "PFLOPS_DAY", "Run", "SCHEMA", "TABLE_FIELDS", "data_paths", "evaluate_runs",
-           "launch_command", "load_description", "non_embedding_params", "plan_runs", "prepare_data",
-           "slurm_script", "summarize", "table_rows", "train_locally", "validate", "write_table"]
+__all__ = ["MODEL_KEYS", "PFLOPS_DAY", "Run", "SCHEMA", "TABLE_FIELDS", "compare_pairs", "data_paths",
+           "evaluate_runs", "job_compute", "launch_command", "load_description", "non_embedding_params", "plan_runs",
+           "prepare_data", "publish", "slurm_script", "summarize", "table_rows", "train_locally", "validate",
+           "write_table"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from typing import Callable, Optional
 
 from megatron_moba.eval.sweep.plan import data_paths
@@ -25,6 +26,7 @@ def prepare_data(desc: dict, out: str, write_corpus: Optional[Callable] = None, 
         return
     if all(os.path.exists(p) for p in (paths["train"] + ".idx", paths["eval"] + ".idx", paths["tokenizer_model"])):
         return
+    t0 = time.time()
     from megatron_moba.training.preprocess import build_indexed_dataset, stdlib_corpus, train_sentencepiece
     write_corpus = write_corpus or stdlib_corpus
     corpus = os.path.join(os.path.dirname(paths["train"]), "corpus.jsonl")
@@ -43,3 +45,22 @@ def prepare_data(desc: dict, out: str, write_corpus: Optional[Callable] = None, 
     log(f"data: {n} documents -> {stats[0]['tokens']} training tokens ({stats[0]['documents']} documents), "
         f"{stats[1]['documents']} held-out documents ({stats[1]['tokens']} tokens), "
         f"vocabulary {stats[0]['vocab_size']}")
+    info = dict(documents=n, train=stats[0], eval=stats[1], wall_s=round(time.time() - t0, 1),
+                sha256={os.path.basename(p + x): file_sha256(p + x) for p in (paths["train"], paths["eval"])
+                        for x in (".bin", ".idx")})
+    with open(data_info_path(desc, out), "w") as f:
+        json.dump(info, f, indent=1)
+
+
+def data_info_path(desc: dict, out: str) -> str:
+    """OUT/data/data.json: what ``prepare_data`` built (documents, tokens, build time, file hashes)."""
+    return os.path.join(os.path.dirname(data_paths(desc, os.path.abspath(out))["train"]), "data.json")
+
+
+def file_sha256(path: str) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -24,7 +24,8 @@ SCHEMA = {      # key -> (default, nested schema or None); REQUIRED marks keys w
                           "vocab_size": (None, None), "split": ("100,0,0", None)}),
     "eval": ({}, {"bucket_width": (2048, None), "trailing_tokens": (None, None), "num_docs": (64, None),
                   "micro_batch": (1, None)}),
-    "fit": ({}, {"buckets": (None, None), "ratio_at": (None, None)}),
+    "fit": ({}, {"buckets": (None, None), "ratio_at": (None, None), "panels": (None, None),
+                 "extend_decades": (1.0, None)}),
     "launch": ({}, {"nproc_per_node": (1, None), "env": ({}, None)}),
     "slurm": ({}, {"partition": (None, None), "account": (None, None), "time": ("02:00:00", None),
                    "gpus_per_task": (None, None), "cpus_per_task": (8, None), "extra": ([], None)}),
@@ -121,6 +122,12 @@ def validate(desc: dict) -> dict:
     if f["buckets"] is not None and not isinstance(f["buckets"], list):
         raise ValueError(f"fit.buckets must be a list of bucket names, got {f['buckets']!r}")
     f["buckets"] = [str(b) for b in f["buckets"]] if f["buckets"] else None
+    if f["panels"] is not None and not isinstance(f["panels"], list):
+        raise ValueError(f"fit.panels must be a list of bucket names, got {f['panels']!r}")
+    f["panels"] = [str(b) for b in f["panels"]] if f["panels"] else None
+    x = f["extend_decades"]
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or x < 0:
+        raise ValueError(f"fit.extend_decades must be a number >= 0, got {x!r}")
     at = f["ratio_at"]
     if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float)) or at <= 0):
         raise ValueError(f"fit.ratio_at must be a positive number of PFLOP/s-days, got {at!r}")
