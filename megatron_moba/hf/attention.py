@@ -5,8 +5,10 @@
     model.config.moba_chunk_size, model.config.moba_topk = 4096, 12
 
 Prefill and cached decoding both run MoBA: new queries attend at their absolute positions
-(``moba_attn_varlen(..., q_positions=...)``).  Sequences in a batch must have equal length:
-padding masks are rejected rather than ignored.
+(``moba_attn_varlen(..., q_positions=...)``).  ``config.moba_full_attn_layers`` (0-based layer
+indices, as the export writes it from --moba-full-attn-layers / --moba-full-attn-layer-list) keeps
+those layers on full causal attention (transformers' sdpa), like the megatron model.  Sequences
+in a batch must have equal length: padding masks are rejected rather than ignored.
 """
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ def moba_attention(module, query, key, value, attention_mask, scaling=None, drop
         raise ValueError("attn_implementation='moba' needs config.moba_chunk_size and config.moba_topk")
     if dropout:
         raise ValueError("MoBA attention has no dropout (attention_dropout must be 0)")
+    if getattr(module, "layer_idx", None) in (getattr(cfg, "moba_full_attn_layers", None) or ()):
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
     b, hq, q_len, d = query.shape
     k_len = key.shape[2]
     if attention_mask is not None:

@@ -209,6 +209,9 @@ def _config_for_checkpoint(cfg: dict, saved: dict, path: str, source: str, train
         out["max_position_embeddings"] = max(int(cfg["max_position_embeddings"]), int(saved["max_position_embeddings"]))
     if saved.get("attention", "moba") == "moba" and saved.get("moba_chunk_size"):
         out["moba_chunk_size"], out["moba_topk"] = saved["moba_chunk_size"], saved["moba_topk"]
+        layers, last = int(saved["num_layers"]), int(saved.get("moba_full_attn_layers") or 0)
+        full = set(range(layers - last + 1, layers + 1)) | set(saved.get("moba_full_attn_layer_list") or [])
+        out["moba_full_attn_layers"] = sorted(n - 1 for n in full)     # 0-based, as transformers' layer_idx
     return out
 
 
