@@ -194,6 +194,8 @@ def _config_for_checkpoint(cfg: dict, saved: dict, path: str, source: str, train
     found = dict(saved)
     if found.get("num_query_groups") is None:
         found["num_query_groups"] = found.get("num_attention_heads")
+    if found.get("ffn_hidden_size") is None and found.get("hidden_size"):      # megatron's default: 4 x hidden
+        found["ffn_hidden_size"] = 4 * found["hidden_size"]
     wrong = [f"{k}: checkpoint {found.get(k)!r}, HF config {v!r}" for k, v in expect.items()
              if k in found and found[k] != v]
     if wrong:
