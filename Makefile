@@ -21,7 +21,7 @@ FAST_TESTS := tests/kernels/test_reference.py tests/kernels/test_torch_backend.p
 # (test_triton_backend.py's megatron GPT under context parallelism spawns 2 processes: full tier only)
 FAST_DESELECT := not under_context_parallel
 
-.PHONY: help install demo demo-op test test-fast test-mcore-latest bench lint docker clean
+.PHONY: help install demo demo-op test test-fast test-mcore-latest scaling-cpu bench lint docker clean
 
 help:  ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,6 +55,12 @@ MCORE_TESTS := tests/training/test_compat.py tests/core/test_megatron_gpt.py tes
 test-mcore-latest:  ## the megatron tests against megatron-core 0.19.x (own venv: .venv-mcore-latest)
 	PYTHON=$(PYTHON) bash .ci/mcore_latest_venv.sh
 	.venv-mcore-latest/bin/python -m pytest -q $(PYTEST_ARGS) $(MCORE_TESTS)
+
+scaling-cpu: $(STAMP)  ## the README's CPU scaling study, then its long-context run (about 1.5 h on 2 cores; resumes)
+	$(BIN)/python tools/scaling_sweep.py --preset cpu-small --out runs/sweeps/cpu-small \
+	    --publish benchmarks/results/scaling_cpu_small
+	$(BIN)/python examples/continued_pretraining_cpu.py --sweep runs/sweeps/cpu-small --out runs/long_context_cpu \
+	    --publish benchmarks/results/long_context_cpu
 
 bench: $(STAMP)  ## attention benchmark on this machine (table + JSON in benchmarks/results/)
 	$(BIN)/python tools/bench_attention.py --out benchmarks/results/bench_attention_$$(uname -n | tr -c 'a-zA-Z0-9\n' _).json
