@@ -58,10 +58,13 @@ class SequenceParallelTorchNorm:
         return norm
 
 
-def _local_sp_norms(spec: ModuleSpec) -> ModuleSpec:
+def _local_sp_norms(spec: ModuleSpec, qk_layernorm: bool = False) -> ModuleSpec:
     spec = copy.deepcopy(spec)
     spec.submodules.input_layernorm = SequenceParallelTorchNorm
     spec.submodules.pre_mlp_layernorm = SequenceParallelTorchNorm
+    if qk_layernorm:      # per-head norms (--qk-layernorm): their gradients are also summed over the TP group
+        spec.submodules.self_attention.submodules.q_layernorm = SequenceParallelTorchNorm
+        spec.submodules.self_attention.submodules.k_layernorm = SequenceParallelTorchNorm
     return spec
 
 
@@ -80,7 +83,7 @@ def get_moba_layer_specs(config: MoBATransformerConfig, use_te: Optional[bool] =
     use_te = te_available() if use_te is None else use_te
     stock = _stock_layer_spec(config, use_te)
     if config.sequence_parallel and not use_te:
-        stock = _local_sp_norms(stock)
+        stock = _local_sp_norms(stock, config.qk_layernorm)
     moba = _with_core_attention(stock, MoBACoreAttention)
     full = stock if use_te else _with_core_attention(stock, FullCoreAttention)
     return [moba if config.is_moba_layer(n) else full for n in range(1, config.num_layers + 1)]

@@ -25,10 +25,22 @@ def build_parser(require_model_flags: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
     g.add_argument("--num-attention-heads", type=int, required=required)
     g.add_argument("--num-query-groups", type=int, default=None, help="GQA groups (default: one per head)")
+    g.add_argument("--kv-channels", type=int, default=None,
+                   help="attention head dimension (default: --hidden-size / --num-attention-heads)")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="normalize each head's queries and keys (--normalization, --norm-epsilon) before RoPE, "
+                        "as Qwen3")
+    g.add_argument("--add-qkv-bias", action="store_true",
+                   help="biases in the query/key/value projection, also with --disable-bias-linear (as Qwen2)")
     g.add_argument("--seq-length", type=int, required=required)
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
     g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
     g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.x RoPE frequency scaling (megatron-core's: low/high frequency factors 1 and 4, "
+                        "original context 8192)")
+    g.add_argument("--rope-scaling-factor", type=float, default=None,
+                   help="its factor (with --use-rope-scaling; default 8.0, Llama 3.1's)")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
     g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP")
@@ -211,9 +223,7 @@ def validate_args(args, world_size: int) -> None:
     if args.seq_length > args.max_position_embeddings:
         raise ValueError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
                          f"({args.max_position_embeddings})")
-    if args.hidden_size % args.num_attention_heads:
-        raise ValueError(f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads "
-                         f"({args.num_attention_heads})")
+    _check_attention_flags(args)
     if args.num_layers % args.pipeline_model_parallel_size:
         raise ValueError(f"--num-layers ({args.num_layers}) must be divisible by --pipeline-model-parallel-size "
                          f"({args.pipeline_model_parallel_size})")
@@ -243,6 +253,28 @@ def validate_args(args, world_size: int) -> None:
     _resolve_optimizer(args)
     if args.document_attention and args.context_parallel_size > 1:
         raise ValueError("--document-attention with --context-parallel-size > 1 is not supported yet")
+
+
+def _check_attention_flags(args) -> None:
+    """Head dimension, query groups and RoPE scaling."""
+    if args.kv_channels is not None and args.kv_channels < 1:
+        raise ValueError(f"--kv-channels must be >= 1, got {args.kv_channels}")
+    if args.kv_channels is None and args.hidden_size % args.num_attention_heads:
+        raise ValueError(f"--hidden-size ({args.hidden_size}) must be divisible by --num-attention-heads "
+                         f"({args.num_attention_heads}), or give the head dimension with --kv-channels")
+    groups = args.num_query_groups
+    if groups is not None and (groups < 1 or args.num_attention_heads % groups):
+        raise ValueError(f"--num-query-groups ({groups}) must divide --num-attention-heads "
+                         f"({args.num_attention_heads})")
+    if args.use_rope_scaling:
+        if args.position_embedding_type != "rope":
+            raise ValueError("--use-rope-scaling needs --position-embedding-type rope")
+        if args.rope_scaling_factor is None:
+            args.rope_scaling_factor = 8.0
+        if not args.rope_scaling_factor > 0:
+            raise ValueError(f"--rope-scaling-factor must be > 0, got {args.rope_scaling_factor}")
+    elif args.rope_scaling_factor is not None:
+        raise ValueError("--rope-scaling-factor needs --use-rope-scaling")
 
 
 def _check_job_flags(args) -> None:
@@ -346,6 +378,8 @@ def config_from_args(args) -> "MoBATransformerConfig":
     return MoBATransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        kv_channels=getattr(args, "kv_channels", None), qk_layernorm=getattr(args, "qk_layernorm", False),
+        add_qkv_bias=getattr(args, "add_qkv_bias", False),
         normalization=args.normalization, layernorm_epsilon=args.norm_epsilon, gated_linear_unit=args.swiglu,
         activation_func=F.silu if args.swiglu else F.gelu, add_bias_linear=not args.disable_bias_linear,
         init_method_std=args.init_method_std, attention_dropout=args.attention_dropout,

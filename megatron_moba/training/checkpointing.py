@@ -234,6 +234,70 @@ def _load_error(root: str, path: str, e: BaseException) -> RuntimeError:
     return RuntimeError(msg)
 
 
+def _model_flags_of_args(saved: dict) -> dict:
+    """flag -> value of the model-shape flags a checkpoint was saved with (flags added since take
+    their defaults: the tensors they add cannot be in an older checkpoint)."""
+    hidden, heads = saved.get("hidden_size"), saved.get("num_attention_heads")
+    return {"--num-layers": saved.get("num_layers"), "--hidden-size": hidden,
+            "--ffn-hidden-size": saved.get("ffn_hidden_size") or (4 * hidden if hidden else None),
+            "--num-attention-heads": heads, "--num-query-groups": saved.get("num_query_groups") or heads,
+            "--kv-channels": saved.get("kv_channels") or (hidden // heads if hidden and heads else None),
+            "--add-qkv-bias": bool(saved.get("add_qkv_bias")), "--qk-layernorm": bool(saved.get("qk_layernorm")),
+            "--disable-bias-linear": bool(saved.get("disable_bias_linear")), "--swiglu": bool(saved.get("swiglu")),
+            "--normalization": saved.get("normalization", "LayerNorm"),
+            "--untie-embeddings-and-output-weights": bool(saved.get("untie_embeddings_and_output_weights")),
+            "--position-embedding-type": saved.get("position_embedding_type", "rope")}
+
+
+def _model_flags_of_model(model) -> dict:
+    c = model.config
+    return {"--num-layers": c.num_layers, "--hidden-size": c.hidden_size, "--ffn-hidden-size": c.ffn_hidden_size,
+            "--num-attention-heads": c.num_attention_heads,
+            "--num-query-groups": c.num_query_groups or c.num_attention_heads, "--kv-channels": c.kv_channels,
+            "--add-qkv-bias": bool(c.add_qkv_bias), "--qk-layernorm": bool(c.qk_layernorm),
+            "--disable-bias-linear": not c.add_bias_linear, "--swiglu": bool(c.gated_linear_unit),
+            "--normalization": c.normalization,
+            "--untie-embeddings-and-output-weights": not getattr(model, "share_embeddings_and_output_weights", True),
+            "--position-embedding-type": getattr(model, "position_embedding_type", "rope")}
+
+
+def check_model_flags(path: str, common: dict, model) -> None:
+    """Refuse to load ``path`` into a model of another shape than it was saved with.  dist_checkpointing
+    loads the tensors the model asks for and ignores the others: without this check a checkpoint with
+    q/k/v biases or QK norms (--add-qkv-bias, --qk-layernorm) or an untied output layer would load into
+    a model without them, silently dropping those weights."""
+    saved = common.get("args")
+    if not saved or getattr(model, "config", None) is None:
+        return
+    was, now = _model_flags_of_args(saved), _model_flags_of_model(model)
+    wrong = [f"{flag}: checkpoint {was[flag]!r}, this run {now[flag]!r}" for flag in was
+             if was[flag] is not None and was[flag] != now[flag]]
+    rows = saved.get("padded_vocab_size")
+    if rows and getattr(model, "vocab_size", rows) != rows:
+        wrong.append(f"vocabulary (--vocab-size, or the tokenizer's size): checkpoint {rows} rows (padded), this run "
+                     f"{model.vocab_size}" + (f"; it was saved with --vocab-size {saved['vocab_size']}"
+                                               if saved.get("vocab_size") else ""))
+    if wrong:
+        raise ValueError(f"{path} was saved with another model than this run builds; pass the checkpoint's model "
+                         "flags: " + "; ".join(wrong))
+
+
+def _report_rope_changes(path: str, common: dict, args) -> None:
+    """Print (rank 0) how this run's RoPE differs from the checkpoint's (a continued-pretraining
+    change, or a forgotten flag)."""
+    saved = common.get("args") or {}
+    if not saved or args is None or dist.get_rank() != 0:
+        return
+    def rope(a: dict):
+        scaled = bool(a.get("use_rope_scaling"))
+        return {"--rotary-base": a.get("rotary_base"), "--use-rope-scaling": scaled,
+                "--rope-scaling-factor": a.get("rope_scaling_factor") if scaled else None}
+    was, now = rope(saved), rope(vars(args))
+    lines = [f"  {flag}: checkpoint {was[flag]}, this run {now[flag]}" for flag in was if was[flag] != now[flag]]
+    if lines and getattr(args, "position_embedding_type", "rope") == "rope":
+        print(f"note: RoPE differs from {path}'s:\n" + "\n".join(lines), flush=True)
+
+
 # scheduler state -> (flag, value from the command line's args)
 _SCHEDULE_FLAGS = {
     "max_lr": ("--lr", lambda a: a.lr),
@@ -309,6 +373,8 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, finetune: 
         common = dist_checkpointing.load_common_state_dict(path)
     except (Exception, CheckpointException) as e:
         raise _load_error(root, path, e) from e
+    check_model_flags(path, common, model)
+    _report_rope_changes(path, common, args)
     if carry is not None:
         carry.update({k: common[k] for k in CARRIED if common.get(k) is not None})
     if not finetune:

@@ -14,4 +14,6 @@ def build_model(args, tokenizer):
     return build_moba_gpt(
         config_from_args(args), args.padded_vocab_size, args.seq_length,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        rope_scaling=getattr(args, "use_rope_scaling", False),
+        rope_scaling_factor=getattr(args, "rope_scaling_factor", None) or 8.0,
         share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights).to(device)

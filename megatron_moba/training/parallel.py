@@ -2,7 +2,8 @@
 
 With ``--optimizer-impl torch`` gradients are reduced here, explicitly, after megatron's
 forward/backward schedule (megatron's optimizer path uses its DDP and ``finalize_model_grads``):
-* sequence-parallel norm weights: summed over the TP group (each rank saw part of the sequence);
+* sequence-parallel norm weights: summed over the TP group (each rank saw part of the sequence), and
+  so are the QK-norm weights of --qk-layernorm (each rank saw its own heads; megatron's rule);
 * tied input/output embeddings split across pipeline stages: summed over the embedding group;
 * every gradient: averaged over the data-parallel x context-parallel group.
 """
@@ -58,8 +59,11 @@ def set_seed(seed: int) -> None:
 def finalize_grads(model) -> None:
     """Reduce gradients after the backward pass (see the module docstring)."""
     tp_group = ps.get_tensor_model_parallel_group()
-    for p in model.parameters():
-        if p.grad is not None and getattr(p, "sequence_parallel", False):
+    qk_norm = getattr(getattr(model, "config", None), "qk_layernorm", False)
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "sequence_parallel", False) or (qk_norm and ("q_layernorm" in name or "k_layernorm" in name)):
             dist.all_reduce(p.grad, group=tp_group)
     if ps.get_pipeline_model_parallel_world_size() > 1 and getattr(model, "share_embeddings_and_output_weights", False):
         if ps.is_pipeline_first_stage() or ps.is_pipeline_last_stage():

@@ -21,6 +21,22 @@ class Tokenizer:
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str = None, vocab_size: int = None) -> Tokenizer:
+    """The tokenizer of ``--tokenizer-type``.  ``vocab_size`` (``--vocab-size``): NullTokenizer's
+    vocabulary; with a SentencePiece or HF tokenizer, the model's vocabulary before padding where it has
+    more rows than the tokenizer has tokens (an imported HF model, e.g. Qwen2.5: 151936 rows, 151665
+    tokens); never fewer."""
+    tok = _build(tokenizer_type, tokenizer_model, vocab_size)
+    if tokenizer_type != "NullTokenizer" and vocab_size is not None:
+        if vocab_size < tok.vocab_size:
+            raise ValueError(f"--vocab-size {vocab_size} is smaller than the vocabulary of --tokenizer-model "
+                             f"{tokenizer_model} ({tok.vocab_size} tokens): its token ids would not fit the "
+                             "embedding; leave --vocab-size out or give at least the tokenizer's size")
+        tok.vocab_size = vocab_size
+        tok.unique_identifiers["vocab_size"] = vocab_size
+    return tok
+
+
+def _build(tokenizer_type: str, tokenizer_model: str = None, vocab_size: int = None) -> Tokenizer:
     if tokenizer_type == "NullTokenizer":
         if not vocab_size:
             raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size")

@@ -131,6 +131,25 @@ def test_tensor_and_context_parallel_2x2_match_single_process(reference):
         _assert_same_run(run, reference)
 
 
+QWEN_ATTENTION = dict(qk_layernorm=True, add_qkv_bias=True, kv_channels=32)
+
+
+@pytest.fixture(scope="module")
+def qwen_reference():
+    ref = mc.run_distributed(mc.reference_run, QWEN_ATTENTION)[0]
+    assert any("q_layernorm" in name for name in ref["grads"]) and any(".bias" in name for name in ref["grads"])
+    return ref
+
+
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2_sp"])
+def test_qk_norm_and_qkv_bias_under_tensor_parallel_match_single_process(qwen_reference, sp):
+    """Qwen's attention (--qk-layernorm, --add-qkv-bias, --kv-channels): each TP rank's QK-norm gradient
+    covers its own heads only, so it is summed over the TP group (the first step's gradients checked)."""
+    for run in mc.run_distributed(mc.train, dict(QWEN_ATTENTION, sequence_parallel=sp), qwen_reference["weights"],
+                                  tp=2):
+        _assert_same_run(run, qwen_reference)
+
+
 # ---------------------------------------------------------------- bad configurations
 @pytest.mark.parametrize("over,flag", [
     (dict(moba_topk=0), "--moba-topk"),

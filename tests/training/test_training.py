@@ -80,6 +80,14 @@ def test_resume_at_another_layout_reproduces_single_process(start_checkpoint, la
     (["--optimizer-impl", "torch", "--use-distributed-optimizer"],
      "--use-distributed-optimizer needs --optimizer-impl megatron"),
     (["--optimizer-impl", "torch", "--overlap-grad-reduce"], "--overlap-grad-reduce needs --optimizer-impl megatron"),
+    (["--rope-scaling-factor", "8"], "--rope-scaling-factor needs --use-rope-scaling"),
+    (["--use-rope-scaling", "--rope-scaling-factor", "0"], "--rope-scaling-factor must be > 0, got 0.0"),
+    (["--use-rope-scaling", "--position-embedding-type", "learned_absolute"],
+     "--use-rope-scaling needs --position-embedding-type rope"),
+    (["--kv-channels", "0"], "--kv-channels must be >= 1, got 0"),
+    (["--num-attention-heads", "6"], "must be divisible by --num-attention-heads (6), or give the head dimension "
+                                     "with --kv-channels"),
+    (["--num-query-groups", "3"], "--num-query-groups (3) must divide --num-attention-heads (4)"),
 ])
 def test_cli_rejects_contradictions(extra, text, capsys):
     mc.assert_cli_rejects(extra, text, capsys)
