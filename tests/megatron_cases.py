@@ -243,3 +243,75 @@ def trainer_dtypes(argv):
     groups = trainer.optimizer.optimizer.param_groups
     main = sorted({str(p.dtype) for g in groups for p in g["params"]})
     return sorted({str(p.dtype) for p in trainer.model.parameters()}), main, losses
+
+
+# ---------------------------------------------------------------- HF families (tests/hf/test_hf_families.py)
+HF_JOB = ["--seq-length", "64", "--moba-chunk-size", "16", "--moba-topk", "2", "--micro-batch-size", "2",
+          "--global-batch-size", "2", "--train-iters", "3", "--lr", "1e-3", "--lr-warmup-iters", "1", "--mock-data",
+          "--log-interval", "1"]
+
+
+def edit_flags(flags, drop=(), add=()):
+    """``flags`` without the flags in ``drop`` (with their values), then ``add`` ([flag, value] pairs or
+    lone switches) replacing or appending."""
+    out, i = [], 0
+    while i < len(flags):
+        takes_value = i + 1 < len(flags) and not flags[i + 1].startswith("--")
+        if flags[i] in drop:
+            i += 2 if takes_value else 1
+            continue
+        out.append(flags[i])
+        i += 1
+    for item in add:
+        flag, *value = item if isinstance(item, (list, tuple)) else [item]
+        if flag in out and value:
+            out[out.index(flag) + 1] = value[0]
+        elif flag not in out:
+            out += [flag, *value]
+    return out
+
+
+def job_logits(flags, load, tokens):
+    """Logits of checkpoint ``load`` (--finetune load) in the model the pretraining job builds from
+    ``flags``, tokenizer included, with full attention."""
+    from megatron_moba.training.arguments import parse_args
+    from megatron_moba.training.checkpointing import load_checkpoint
+    from megatron_moba.training.model import build_model
+    from megatron_moba.training.tokenizer import build_tokenizer
+    n = tokens.shape[1]
+    args = parse_args(list(flags) + ["--seq-length", str(n), "--train-iters", "1", "--mock-data", "--attention",
+                                     "full"], world_size=dist.get_world_size())
+    model = build_model(args, build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size))
+    load_checkpoint(load, model, finetune=True, args=args)
+    model.eval()
+    with torch.no_grad():
+        return model(tokens, torch.arange(n)[None], attention_mask=None)
+
+
+def hf_family_chain(d, tokens, changes, variants, import_flags=(), train=True):
+    """The continued-pretraining chain of one HF model in ``d``/hf: the tool's import (its printed flags),
+    the imported logits, each variant (flags dropped/added: its load error or its logits), the export
+    without training, then (``train``) ``--finetune`` steps with MoBA under the printed flags +
+    ``changes``, the export of that run and its logits."""
+    import contextlib
+    import io
+
+    from megatron_moba.hf.convert import run_export, run_import
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        run_import(f"{d}/hf", f"{d}/mg", *import_flags)
+    flags = printed.getvalue().split("--finetune ")[1].splitlines()[0].split()
+    out = {"printed": flags, "imported": job_logits(flags, f"{d}/mg", tokens)}
+    for name, (drop, add) in variants.items():
+        try:
+            out[name] = job_logits(edit_flags(flags, drop, add), f"{d}/mg", tokens)
+        except ValueError as e:
+            out[name] = str(e)
+    run_export(f"{d}/mg", f"{d}/back")
+    if not train:
+        return out
+    trained = edit_flags(flags, add=changes)
+    out["losses"] = run_pretrain(trained + HF_JOB + ["--load", f"{d}/mg", "--finetune", "--save", f"{d}/run"])
+    run_export(f"{d}/run", f"{d}/out")
+    out["trained"] = job_logits(trained, f"{d}/run", tokens)
+    return out

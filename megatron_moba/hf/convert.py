@@ -1,13 +1,17 @@
-"""Llama-architecture Hugging Face checkpoints <-> megatron-core GPT weights.
+"""Hugging Face checkpoints (Llama, Mistral, Qwen2/2.5, Qwen3) <-> megatron-core GPT weights.
 
-Import reads ``config.json`` and ``*.safetensors`` (never pickles); export writes the same.
-The megatron side uses the local layer spec's parameter names with full (unsharded)
-tensors; ``dist_checkpointing`` reshards them to any TP/PP when the checkpoint is loaded.
+Import reads ``config.json`` (checked field by field: ``megatron_moba.hf.families``) and
+``*.safetensors`` (never pickles).  Every tensor of the checkpoint is carried into the megatron
+model or the import fails naming it; the same holds the other way for export, which writes a
+``config.json`` + ``model.safetensors`` that transformers loads with no missing or unexpected weight.
+The megatron side uses the local layer spec's parameter names with full (unsharded) tensors;
+``dist_checkpointing`` reshards them to any TP/PP when the checkpoint is loaded.
 
 Layouts that differ:
-* ``linear_qkv.weight``: per query group, the group's query heads, then its key head, then
-  its value head (HF keeps q, k, v separate);
+* ``linear_qkv.weight`` (and ``.bias``, Qwen2's ``--add-qkv-bias``): per query group, the group's
+  query heads, then its key head, then its value head (HF keeps q, k, v separate);
 * ``linear_fc1.weight``: ``[gate; up]`` (HF: ``gate_proj``, ``up_proj``);
+* Qwen3's per-head ``q_norm``/``k_norm``: megatron's ``q_layernorm``/``k_layernorm`` (``--qk-layernorm``);
 * vocabulary rows padded to a multiple of 128 (kept out of the HF side).
 """
 from __future__ import annotations
@@ -15,84 +19,121 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Dict, Tuple
+from types import SimpleNamespace
+from typing import Dict, List, Tuple
 
 import torch
 
 from megatron_moba.core.model import padded_vocab_size
+from megatron_moba.hf.families import (
+    Architecture,
+    architecture,
+    model_flags,
+    read_hf_config,
+    run_flags,
+    tokenizer_flags,
+    with_rope,
+)
 
+__all__ = ["read_hf_config", "megatron_args", "model_flags", "tokenizer_flags", "load_safetensors",
+           "hf_to_megatron", "megatron_to_hf", "hf_import", "import_to_checkpoint", "export_from_checkpoint",
+           "run_import", "run_export", "run_flags"]
 
-def read_hf_config(hf_dir: str) -> dict:
-    """The checked Llama config of an HF checkpoint directory (or of a ``config.json`` file)."""
-    path = hf_dir if os.path.isfile(hf_dir) else os.path.join(hf_dir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: not a Hugging Face checkpoint directory")
-    cfg = json.load(open(path))
-    arch = cfg.get("architectures") or []
-    if cfg.get("model_type") not in ("llama", "mistral", "qwen2") and not any("Llama" in a for a in arch):
-        raise ValueError(f"{path}: model_type {cfg.get('model_type')!r} is not a Llama-architecture model")
-    heads = cfg["num_attention_heads"]
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
-    if head_dim * heads != cfg["hidden_size"]:
-        raise ValueError(f"{path}: head_dim {head_dim} x heads {heads} != hidden_size {cfg['hidden_size']}")
-    if cfg.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{path}: hidden_act {cfg.get('hidden_act')!r} is not supported (SwiGLU needs silu)")
-    if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-        raise ValueError(f"{path}: biases in attention/MLP are not supported")
-    rope = cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
-    scaling = (cfg.get("rope_parameters") or {}).get("rope_type", "default")
-    if cfg.get("rope_scaling") or scaling != "default":
-        raise ValueError(f"{path}: RoPE scaling ({cfg.get('rope_scaling') or scaling}) is not supported")
-    return cfg | {"rope_theta": float(rope)}
-
-
-def megatron_args(cfg: dict) -> list:
-    """The pretraining flags that describe this HF model."""
-    args = ["--num-layers", cfg["num_hidden_layers"], "--hidden-size", cfg["hidden_size"],
-            "--ffn-hidden-size", cfg["intermediate_size"], "--num-attention-heads", cfg["num_attention_heads"],
-            "--num-query-groups", cfg.get("num_key_value_heads") or cfg["num_attention_heads"],
-            "--normalization", "RMSNorm", "--norm-epsilon", cfg.get("rms_norm_eps", 1e-6), "--swiglu",
-            "--disable-bias-linear",
-            "--rotary-base", int(cfg["rope_theta"]), "--max-position-embeddings", cfg["max_position_embeddings"]]
-    if not cfg.get("tie_word_embeddings", False):
-        args.append("--untie-embeddings-and-output-weights")
-    return [str(a) for a in args]
+megatron_args = model_flags          # the model flags (the name earlier releases used)
 
 
 def load_safetensors(hf_dir: str) -> Dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files of ``hf_dir``; a tensor in two files, or one that
+    ``model.safetensors.index.json`` lists but no file holds, fails naming it."""
     from safetensors.torch import load_file
     files = sorted(glob.glob(os.path.join(hf_dir, "*.safetensors")))
     if not files:
         raise FileNotFoundError(f"no *.safetensors in {hf_dir} (pickled .bin checkpoints are not loaded)")
-    weights = {}
+    weights, where = {}, {}
     for f in files:
-        weights.update(load_file(f))
+        for name, t in load_file(f).items():
+            if name in weights:
+                raise ValueError(f"tensor {name} is in both {where[name]} and {f}")
+            weights[name], where[name] = t, f
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as fh:
+            listed = json.load(fh).get("weight_map", {})
+        absent = sorted(set(listed) - set(weights))
+        if absent:
+            raise ValueError(f"{index} lists tensors no *.safetensors file in {hf_dir} holds: {absent[:8]}")
     return weights
 
 
-def _qkv_layout(cfg):
-    heads = cfg["num_attention_heads"]
-    groups = cfg.get("num_key_value_heads") or heads
-    return heads, groups, cfg["hidden_size"] // heads
+def _hf_shapes(a: Architecture) -> Dict[str, tuple]:
+    """The HF tensors of this architecture and their shapes."""
+    h, d = a.hidden, a.head_dim
+    out = {"model.embed_tokens.weight": (a.vocab, h), "model.norm.weight": (h,)}
+    if not a.tied:
+        out["lm_head.weight"] = (a.vocab, h)
+    for i in range(a.layers):
+        p = f"model.layers.{i}."
+        out.update({p + "self_attn.q_proj.weight": (a.heads * d, h), p + "self_attn.k_proj.weight": (a.groups * d, h),
+                    p + "self_attn.v_proj.weight": (a.groups * d, h), p + "self_attn.o_proj.weight": (h, a.heads * d),
+                    p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                    p + "mlp.gate_proj.weight": (a.ffn, h), p + "mlp.up_proj.weight": (a.ffn, h),
+                    p + "mlp.down_proj.weight": (h, a.ffn)})
+        if a.qkv_bias:
+            out.update({p + "self_attn.q_proj.bias": (a.heads * d,), p + "self_attn.k_proj.bias": (a.groups * d,),
+                        p + "self_attn.v_proj.bias": (a.groups * d,)})
+        if a.qk_norm:
+            out.update({p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)})
+    return out
+
+
+def _check_hf_tensors(a: Architecture, hf: Dict[str, torch.Tensor]) -> None:
+    expected = _hf_shapes(a)
+    if a.tied and "lm_head.weight" in hf:      # some tied checkpoints store the output layer too
+        if not torch.equal(hf["lm_head.weight"], hf.get("model.embed_tokens.weight", torch.empty(0))):
+            raise ValueError("lm_head.weight differs from model.embed_tokens.weight, but tie_word_embeddings is "
+                             "true: the model would not be the one this checkpoint's output layer computes")
+        expected["lm_head.weight"] = (a.vocab, a.hidden)
+    missing = sorted(set(expected) - set(hf))
+    if missing:
+        raise ValueError(f"the HF checkpoint lacks tensors its config needs: {missing[:8]}"
+                         + (f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""))
+    extra = sorted(set(hf) - set(expected))
+    if extra:
+        raise ValueError(f"HF tensor(s) {extra[:8]} are not carried by the conversion of a {a.model_type} model "
+                         "(unknown to it): refusing to drop them" + (f" (and {len(extra) - 8} more)"
+                                                                     if len(extra) > 8 else ""))
+    for name, shape in expected.items():
+        if tuple(hf[name].shape) != shape:
+            raise ValueError(f"HF tensor {name} has shape {tuple(hf[name].shape)}, the config implies {shape}")
 
 
 def hf_to_megatron(cfg: dict, hf: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    heads, groups, d = _qkv_layout(cfg)
-    h = cfg["hidden_size"]
-    vocab = padded_vocab_size(cfg["vocab_size"])
+    """Megatron parameters (full tensors) from every tensor of an HF checkpoint (checked first)."""
+    a = architecture(cfg)
+    _check_hf_tensors(a, hf)
+    h = a.hidden
+    vocab = padded_vocab_size(a.vocab)
 
     def pad_rows(w):
         return torch.cat([w, w.new_zeros(vocab - w.shape[0], w.shape[1])]) if w.shape[0] < vocab else w
+
+    def qkv(p, kind):
+        shape = (a.groups, -1, h) if kind == "weight" else (a.groups, -1)
+        q, k, v = (hf[f"{p}self_attn.{x}_proj.{kind}"].reshape(shape) for x in "qkv")
+        out = torch.cat([q, k, v], dim=1)
+        return out.reshape(-1, h) if kind == "weight" else out.reshape(-1)
     out = {"embedding.word_embeddings.weight": pad_rows(hf["model.embed_tokens.weight"]),
            "decoder.final_layernorm.weight": hf["model.norm.weight"]}
-    if not cfg.get("tie_word_embeddings", False):
+    if not a.tied:
         out["output_layer.weight"] = pad_rows(hf["lm_head.weight"])
-    for i in range(cfg["num_hidden_layers"]):
+    for i in range(a.layers):
         p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q = hf[p + "self_attn.q_proj.weight"].view(groups, heads // groups * d, h)
-        k = hf[p + "self_attn.k_proj.weight"].view(groups, d, h)
-        v = hf[p + "self_attn.v_proj.weight"].view(groups, d, h)
-        out[m + "self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, h)
+        out[m + "self_attention.linear_qkv.weight"] = qkv(p, "weight")
+        if a.qkv_bias:
+            out[m + "self_attention.linear_qkv.bias"] = qkv(p, "bias")
+        if a.qk_norm:
+            out[m + "self_attention.q_layernorm.weight"] = hf[p + "self_attn.q_norm.weight"]
+            out[m + "self_attention.k_layernorm.weight"] = hf[p + "self_attn.k_norm.weight"]
         out[m + "self_attention.linear_proj.weight"] = hf[p + "self_attn.o_proj.weight"]
         out[m + "input_layernorm.weight"] = hf[p + "input_layernorm.weight"]
         out[m + "pre_mlp_layernorm.weight"] = hf[p + "post_attention_layernorm.weight"]
@@ -102,25 +143,41 @@ def hf_to_megatron(cfg: dict, hf: Dict[str, torch.Tensor]) -> Dict[str, torch.Te
 
 
 def megatron_to_hf(cfg: dict, mg: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    heads, groups, d = _qkv_layout(cfg)
-    h, vocab = cfg["hidden_size"], cfg["vocab_size"]
-    out = {"model.embed_tokens.weight": mg["embedding.word_embeddings.weight"][:vocab],
-           "model.norm.weight": mg["decoder.final_layernorm.weight"]}
-    if not cfg.get("tie_word_embeddings", False):
-        out["lm_head.weight"] = mg["output_layer.weight"][:vocab]
-    for i in range(cfg["num_hidden_layers"]):
+    """The HF checkpoint's tensors from the megatron parameters; every parameter is used."""
+    a = architecture(cfg)
+    d, qpg = a.head_dim, a.heads // a.groups
+    used = set()
+
+    def take(name):
+        used.add(name)
+        return mg[name]
+
+    def split_qkv(t):
+        q, k, v = t.view(a.groups, (qpg + 2) * d, *t.shape[1:]).split([qpg * d, d, d], dim=1)
+        return [x.reshape(-1, *t.shape[1:]) for x in (q, k, v)]
+    out = {"model.embed_tokens.weight": take("embedding.word_embeddings.weight")[:a.vocab],
+           "model.norm.weight": take("decoder.final_layernorm.weight")}
+    if not a.tied:
+        out["lm_head.weight"] = take("output_layer.weight")[:a.vocab]
+    for i in range(a.layers):
         p, m = f"model.layers.{i}.", f"decoder.layers.{i}."
-        qkv = mg[m + "self_attention.linear_qkv.weight"].view(groups, (heads // groups + 2) * d, h)
-        q, k, v = qkv.split([heads // groups * d, d, d], dim=1)
-        out[p + "self_attn.q_proj.weight"] = q.reshape(-1, h)
-        out[p + "self_attn.k_proj.weight"] = k.reshape(-1, h)
-        out[p + "self_attn.v_proj.weight"] = v.reshape(-1, h)
-        out[p + "self_attn.o_proj.weight"] = mg[m + "self_attention.linear_proj.weight"]
-        out[p + "input_layernorm.weight"] = mg[m + "input_layernorm.weight"]
-        out[p + "post_attention_layernorm.weight"] = mg[m + "pre_mlp_layernorm.weight"]
-        gate, up = mg[m + "mlp.linear_fc1.weight"].chunk(2)
-        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = gate, up
-        out[p + "mlp.down_proj.weight"] = mg[m + "mlp.linear_fc2.weight"]
+        for x, t in zip("qkv", split_qkv(take(m + "self_attention.linear_qkv.weight"))):
+            out[f"{p}self_attn.{x}_proj.weight"] = t
+        if a.qkv_bias:
+            for x, t in zip("qkv", split_qkv(take(m + "self_attention.linear_qkv.bias"))):
+                out[f"{p}self_attn.{x}_proj.bias"] = t
+        if a.qk_norm:
+            out[p + "self_attn.q_norm.weight"] = take(m + "self_attention.q_layernorm.weight")
+            out[p + "self_attn.k_norm.weight"] = take(m + "self_attention.k_layernorm.weight")
+        out[p + "self_attn.o_proj.weight"] = take(m + "self_attention.linear_proj.weight")
+        out[p + "input_layernorm.weight"] = take(m + "input_layernorm.weight")
+        out[p + "post_attention_layernorm.weight"] = take(m + "pre_mlp_layernorm.weight")
+        out[p + "mlp.gate_proj.weight"], out[p + "mlp.up_proj.weight"] = take(m + "mlp.linear_fc1.weight").chunk(2)
+        out[p + "mlp.down_proj.weight"] = take(m + "mlp.linear_fc2.weight")
+    left = sorted(set(mg) - used)
+    if left:
+        raise ValueError(f"megatron parameters {left[:8]} have no place in a {a.model_type} HF checkpoint: "
+                         "refusing to drop them")
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -132,39 +189,41 @@ def save_hf(cfg: dict, weights: Dict[str, torch.Tensor], out_dir: str) -> None:
         json.dump(cfg, f, indent=2)
 
 
-def hf_import(hf_dir: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
-    cfg = read_hf_config(hf_dir)
+def hf_import(hf_dir: str, replace_sliding_window: bool = False) -> Tuple[dict, Dict[str, torch.Tensor]]:
+    cfg = read_hf_config(hf_dir, replace_sliding_window)
     return cfg, hf_to_megatron(cfg, load_safetensors(hf_dir))
 
 
 def _build(cfg: dict, extra_flags=(), world_size: int = 1):
     """The megatron model (this process's part) for an HF config, and its parsed flags."""
-    from megatron_moba.core.model import build_moba_gpt
-    from megatron_moba.training.arguments import config_from_args, parse_args
-    flags = megatron_args(cfg) + ["--seq-length", str(cfg["max_position_embeddings"]), "--train-iters", "1",
-                                  "--mock-data", "--vocab-size", str(cfg["vocab_size"]), *extra_flags]
+    from megatron_moba.training.arguments import parse_args
+    from megatron_moba.training.model import build_model
+    a = architecture(cfg)
+    flags = model_flags(cfg) + ["--seq-length", str(a.max_positions), "--train-iters", "1", "--mock-data",
+                                "--vocab-size", str(a.vocab), *extra_flags]
     args = parse_args(flags, world_size=world_size)
-    config = config_from_args(args)
-    model = build_moba_gpt(config, padded_vocab_size(cfg["vocab_size"]), args.seq_length,
-                           rotary_base=args.rotary_base,
-                           share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+    model = build_model(args, SimpleNamespace(vocab_size=a.vocab))      # the model's rows, not a tokenizer's
     return model, args
 
 
-def import_to_checkpoint(hf_dir: str, save_dir: str) -> list:
-    """HF Llama directory -> megatron dist checkpoint (weights only, iteration 0; loads at any
-    TP/PP with ``--load save_dir --finetune``).  Returns the model flags to train with."""
-    from megatron_moba.training.checkpointing import save_checkpoint
+def _check_empty(save_dir: str) -> None:
     if os.path.exists(save_dir) and (not os.path.isdir(save_dir) or os.listdir(save_dir)):
         what = sorted(os.listdir(save_dir))[:5] if os.path.isdir(save_dir) else "a file"
         raise FileExistsError(f"--save {save_dir} is not an empty directory (it holds {what}): importing there "
                               "would replace its latest_checkpointed_iteration.txt and the checkpoints it names; "
                               "import into a new or empty directory")
-    cfg, weights = hf_import(hf_dir)
-    model, args = _build(cfg)
+
+
+def import_to_checkpoint(hf_dir: str, save_dir: str, replace_sliding_window: bool = False) -> list:
+    """HF directory -> megatron dist checkpoint (weights only, iteration 0; loads at any TP/PP with
+    ``--load save_dir --finetune``).  Returns the flags to train with (model and tokenizer)."""
+    from megatron_moba.training.checkpointing import save_checkpoint
+    _check_empty(save_dir)
+    cfg, weights = hf_import(hf_dir, replace_sliding_window)
+    tok = tokenizer_flags(hf_dir, cfg)
+    model, args = _build(cfg, tok)
     params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(weights))
-    unused = sorted(set(weights) - set(params))
+    missing, unused = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unused:
         raise ValueError(f"HF -> megatron name mismatch: missing {missing[:5]}, unused {unused[:5]}")
     with torch.no_grad():
@@ -173,29 +232,32 @@ def import_to_checkpoint(hf_dir: str, save_dir: str) -> list:
                 raise ValueError(f"{name}: megatron shape {tuple(p.shape)} != converted {tuple(weights[name].shape)}")
             p.copy_(weights[name])
     save_checkpoint(save_dir, 0, model, None, None, 0, args, extra={"hf_config": cfg})
-    return megatron_args(cfg)
+    return model_flags(cfg) + tok
 
 
 def _config_for_checkpoint(cfg: dict, saved: dict, path: str, source: str, trained: bool) -> dict:
     """``cfg`` checked against the flags the checkpoint was trained with (``saved``), and, for a
     checkpoint of the training job (``trained``), updated with what training may change without
-    changing the weights' shapes: RoPE base, positions, MoBA settings."""
+    changing the weights' shapes: RoPE base and scaling, positions, MoBA settings."""
     if not saved:
         return cfg
-    heads = cfg["num_attention_heads"]
-    expect = {"num_layers": cfg["num_hidden_layers"], "hidden_size": cfg["hidden_size"],
-              "ffn_hidden_size": cfg["intermediate_size"], "num_attention_heads": heads,
-              "num_query_groups": cfg.get("num_key_value_heads") or heads,
-              "untie_embeddings_and_output_weights": not cfg.get("tie_word_embeddings", False),
-              "normalization": "RMSNorm", "swiglu": True, "disable_bias_linear": True,
-              "position_embedding_type": "rope"}
+    a = architecture(cfg, source)
+    expect = {"num_layers": a.layers, "hidden_size": a.hidden, "ffn_hidden_size": a.ffn,
+              "num_attention_heads": a.heads, "num_query_groups": a.groups, "kv_channels": a.head_dim,
+              "untie_embeddings_and_output_weights": not a.tied, "normalization": "RMSNorm", "swiglu": True,
+              "disable_bias_linear": True, "add_qkv_bias": a.qkv_bias,
+              "qk_layernorm": a.qk_norm, "position_embedding_type": "rope"}
     if saved.get("padded_vocab_size"):
-        expect["padded_vocab_size"] = padded_vocab_size(cfg["vocab_size"])
-    found = dict(saved)
+        expect["padded_vocab_size"] = padded_vocab_size(a.vocab)
+    found = {k: v for k, v in saved.items() if k in expect}
+    found.setdefault("add_qkv_bias", False)          # flags newer than the checkpoint: their defaults
+    found.setdefault("qk_layernorm", False)
     if found.get("num_query_groups") is None:
-        found["num_query_groups"] = found.get("num_attention_heads")
-    if found.get("ffn_hidden_size") is None and found.get("hidden_size"):      # megatron's default: 4 x hidden
-        found["ffn_hidden_size"] = 4 * found["hidden_size"]
+        found["num_query_groups"] = saved.get("num_attention_heads")
+    if found.get("ffn_hidden_size") is None and saved.get("hidden_size"):      # megatron's default: 4 x hidden
+        found["ffn_hidden_size"] = 4 * saved["hidden_size"]
+    if found.get("kv_channels") is None and saved.get("hidden_size") and saved.get("num_attention_heads"):
+        found["kv_channels"] = saved["hidden_size"] // saved["num_attention_heads"]
     wrong = [f"{k}: checkpoint {found.get(k)!r}, HF config {v!r}" for k, v in expect.items()
              if k in found and found[k] != v]
     if wrong:
@@ -203,25 +265,26 @@ def _config_for_checkpoint(cfg: dict, saved: dict, path: str, source: str, train
     out = dict(cfg)
     if not trained:
         return out
-    if saved.get("rotary_base") and int(saved["rotary_base"]) != int(cfg["rope_theta"]):
-        out["rope_theta"] = float(saved["rotary_base"])
-        if isinstance(out.get("rope_parameters"), dict):
-            out["rope_parameters"] = {**out["rope_parameters"], "rope_theta": float(saved["rotary_base"])}
+    if saved.get("position_embedding_type", "rope") == "rope" and saved.get("rotary_base"):
+        factor = (saved.get("rope_scaling_factor") or 8.0) if saved.get("use_rope_scaling") else None
+        if (int(saved["rotary_base"]), factor) != (int(a.rope_theta), a.rope_scaling_factor):
+            out = with_rope(out, float(saved["rotary_base"]), factor)
     if saved.get("max_position_embeddings"):
-        out["max_position_embeddings"] = max(int(cfg["max_position_embeddings"]), int(saved["max_position_embeddings"]))
+        out["max_position_embeddings"] = max(a.max_positions, int(saved["max_position_embeddings"]))
     if saved.get("attention", "moba") == "moba" and saved.get("moba_chunk_size"):
         out["moba_chunk_size"], out["moba_topk"] = saved["moba_chunk_size"], saved["moba_topk"]
         layers, last = int(saved["num_layers"]), int(saved.get("moba_full_attn_layers") or 0)
         full = set(range(layers - last + 1, layers + 1)) | set(saved.get("moba_full_attn_layer_list") or [])
         out["moba_full_attn_layers"] = sorted(n - 1 for n in full)     # 0-based, as transformers' layer_idx
+    architecture(out, source)
     return out
 
 
-def export_from_checkpoint(load_dir: str, out_dir: str, hf_config=None) -> None:
-    """megatron dist checkpoint (from this project) -> HF Llama directory (config.json +
-    model.safetensors).  The HF config is the one carried from the import unless ``hf_config``
-    (a dict, or the path of a config.json or of an HF directory) is given; its RoPE base,
-    positions and MoBA settings follow the flags the checkpoint was trained with."""
+def export_from_checkpoint(load_dir: str, out_dir: str, hf_config=None, replace_sliding_window: bool = False) -> None:
+    """megatron dist checkpoint (from this project) -> HF directory (config.json + model.safetensors).
+    The HF config is the one carried from the import unless ``hf_config`` (a dict, or the path of a
+    config.json or of an HF directory) is given; its RoPE base and scaling, positions and MoBA
+    settings follow the flags the checkpoint was trained with."""
     from megatron.core import dist_checkpointing
 
     from megatron_moba.training.checkpointing import checkpoint_dir, load_checkpoint, read_latest
@@ -230,7 +293,7 @@ def export_from_checkpoint(load_dir: str, out_dir: str, hf_config=None) -> None:
         raise FileNotFoundError(f"checkpoint {path} is missing (named by {load_dir}/latest_checkpointed_iteration.txt)")
     common = dist_checkpointing.load_common_state_dict(path)
     if isinstance(hf_config, str):
-        source, cfg = hf_config, read_hf_config(hf_config)
+        source, cfg = hf_config, read_hf_config(hf_config, replace_sliding_window)
     elif hf_config is not None:
         source, cfg = "given", hf_config
     else:
@@ -248,26 +311,32 @@ def export_from_checkpoint(load_dir: str, out_dir: str, hf_config=None) -> None:
 
 def _single_process() -> None:
     """One process (TP = PP = CP = 1): the parallel state the conversions build their model in."""
-    from types import SimpleNamespace
-
     from megatron_moba.training.parallel import initialize_distributed
     initialize_distributed(SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                            context_parallel_size=1, seed=0))
 
 
-def run_import(hf_dir: str, save_dir: str) -> list:
+def _note_without_tokenizer(flags: List[str], hf_dir: str) -> str:
+    if "--tokenizer-type" in flags:
+        return ""
+    return (f"\nnote: {hf_dir} has no tokenizer.json or tokenizer.model: add the model's tokenizer "
+            "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR) to these flags")
+
+
+def run_import(hf_dir: str, save_dir: str, replace_sliding_window: bool = False) -> list:
     """What ``tools/convert_hf_checkpoint.py import`` does: ``import_to_checkpoint`` in one process,
     then print the flags to train with.  Returns them.  Without CUDA the caller applies the CPU shim
     first (megatron_moba.training.compat.apply_patches)."""
+    read_hf_config(hf_dir, replace_sliding_window)          # a refused config fails before any setup
     _single_process()
-    flags = import_to_checkpoint(hf_dir, save_dir)
+    flags = import_to_checkpoint(hf_dir, save_dir, replace_sliding_window)
     print(f"wrote {save_dir} (iteration 0, weights only). Train with:\n  --load {save_dir} --finetune "
-          + " ".join(flags))
+          + " ".join(flags) + _note_without_tokenizer(flags, hf_dir))
     return flags
 
 
-def run_export(load_dir: str, out_dir: str, hf_config=None) -> None:
+def run_export(load_dir: str, out_dir: str, hf_config=None, replace_sliding_window: bool = False) -> None:
     """What ``tools/convert_hf_checkpoint.py export`` does: ``export_from_checkpoint`` in one process."""
     _single_process()
-    export_from_checkpoint(load_dir, out_dir, hf_config)
+    export_from_checkpoint(load_dir, out_dir, hf_config, replace_sliding_window)
     print(f"wrote {out_dir}/config.json and model.safetensors")
