@@ -1,7 +1,11 @@
 # Shared by the launch scripts (sourced): builds TRAIN_ARGS, the trainer's flags, from variables.
-# Model: ~1B-parameter GPT (24 layers, hidden 2048, 16 heads, 4 KV groups) unless overridden.
+# Model: ~1B-parameter GPT (24 layers, hidden 2048, 16 heads, 4 KV groups) unless overridden, or
+# MODEL_ARGS: the flags of an imported Hugging Face model, as `tools/convert_hf_checkpoint.py flags`
+# (or `import`) prints them (model, tokenizer, --vocab-size; words split on spaces).  They replace
+# the model variables, the tokenizer and, unless ROTARY_BASE is set, the RoPE base.
 # shellcheck shell=bash
 
+ROTARY_BASE_GIVEN=${ROTARY_BASE:+1}
 NUM_LAYERS=${NUM_LAYERS:-24}
 HIDDEN=${HIDDEN:-2048}
 FFN_HIDDEN=${FFN_HIDDEN:-5632}
@@ -25,11 +29,19 @@ WARMUP=${WARMUP:-500}
 SAVE_INTERVAL=${SAVE_INTERVAL:-500}
 TOKENIZER_TYPE=${TOKENIZER_TYPE:-SentencePieceTokenizer}
 
+if [[ -n "${MODEL_ARGS:-}" ]]; then
+    read -r -a model_args <<< "$MODEL_ARGS"
+    rope_args=()
+    if [[ -n "$ROTARY_BASE_GIVEN" ]]; then rope_args=(--rotary-base "$ROTARY_BASE"); fi
+else
+    model_args=(--num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --ffn-hidden-size "$FFN_HIDDEN"
+                --num-attention-heads "$HEADS" --num-query-groups "$KV_GROUPS"
+                --normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights)
+    rope_args=(--rotary-base "$ROTARY_BASE")
+fi
 TRAIN_ARGS=(
-    --num-layers "$NUM_LAYERS" --hidden-size "$HIDDEN" --ffn-hidden-size "$FFN_HIDDEN"
-    --num-attention-heads "$HEADS" --num-query-groups "$KV_GROUPS"
-    --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH" --rotary-base "$ROTARY_BASE"
-    --normalization RMSNorm --swiglu --disable-bias-linear --untie-embeddings-and-output-weights
+    "${model_args[@]}"
+    --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH" ${rope_args[@]+"${rope_args[@]}"}
     --attention "$ATTENTION" --moba-chunk-size "$MOBA_CHUNK" --moba-topk "$MOBA_TOPK"
     --moba-full-attn-layers "$MOBA_FULL_LAYERS"
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --context-parallel-size "$CP"
@@ -41,7 +53,11 @@ TRAIN_ARGS=(
 if [[ "$TP" -gt 1 ]]; then TRAIN_ARGS+=(--sequence-parallel); fi
 if [[ -n "${DATA_PATH:-}" ]]; then
     # shellcheck disable=SC2206  # DATA_PATH is megatron's "[w1] p1 [w2 p2 ...]" list
-    TRAIN_ARGS+=(--data-path ${DATA_PATH} --tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "${TOKENIZER_MODEL:?set TOKENIZER_MODEL}")
+    TRAIN_ARGS+=(--data-path ${DATA_PATH})
+    if [[ -z "${MODEL_ARGS:-}" || -n "${TOKENIZER_MODEL:-}" ]]; then
+        TRAIN_ARGS+=(--tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "${TOKENIZER_MODEL:?set TOKENIZER_MODEL}")
+    fi
 else
-    TRAIN_ARGS+=(--mock-data --tokenizer-type NullTokenizer --vocab-size "${VOCAB_SIZE:-32000}")
+    TRAIN_ARGS+=(--mock-data)
+    if [[ -z "${MODEL_ARGS:-}" ]]; then TRAIN_ARGS+=(--tokenizer-type NullTokenizer --vocab-size "${VOCAB_SIZE:-32000}"); fi
 fi

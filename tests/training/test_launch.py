@@ -90,13 +90,57 @@ def test_slurm_script_starts_a_stage_from_another_checkpoint(fake_slurm):
     assert args.load == "runs/stage0" and args.finetune and args.seq_length == 131072
 
 
-def test_continued_pretraining_recipe():
-    lines = _dry("examples/continued_pretraining_long_context.sh", {"HF_DIR": "llama"})
-    assert shlex.split(lines[0])[1:5] == ["tools/convert_hf_checkpoint.py", "import", "--hf-dir", "llama"]
+# Meta-Llama-3.1-8B's config.json as published (transformers 4.43)
+LLAMA_3_1_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 128000,
+    "eos_token_id": 128001, "hidden_act": "silu", "hidden_size": 4096, "initializer_range": 0.02,
+    "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "pretraining_tp": 1,
+    "rms_norm_eps": 1e-05, "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                            "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    "transformers_version": "4.43.0.dev0", "use_cache": True, "vocab_size": 128256}
+MODEL_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                "kv_channels", "normalization", "norm_epsilon", "swiglu", "disable_bias_linear", "add_qkv_bias",
+                "qk_layernorm", "use_rope_scaling", "rope_scaling_factor", "untie_embeddings_and_output_weights",
+                "position_embedding_type", "vocab_size", "tokenizer_type", "tokenizer_model")
+
+
+def test_continued_pretraining_recipe(tmp_path, fake_slurm):
+    """The recipe on Llama 3.1 8B's config: every stage trains the imported model (its flags, from the
+    tool: RoPE scaling, tokenizer, vocabulary), with the recipe's RoPE base, context and MoBA."""
+    import json
+    import sys
+
+    from tokenizers import Tokenizer, models
+
+    from megatron_moba.hf.convert import model_flags, read_hf_config, tokenizer_flags
+    hf = tmp_path / "Meta-Llama-3.1-8B"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps(LLAMA_3_1_8B))
+    Tokenizer(models.WordLevel({"<unk>": 0, "<|end_of_text|>": 1, "a": 2}, unk_token="<unk>")).save(
+        str(hf / "tokenizer.json"))
+    lines = _dry("examples/continued_pretraining_long_context.sh", {"HF_DIR": str(hf), "PYTHON": sys.executable})
+    assert shlex.split(lines[0])[1:5] == ["tools/convert_hf_checkpoint.py", "import", "--hf-dir", str(hf)]
     stages = [shlex.split(x) for x in lines[1:]]
     assert [w for s in stages for w in s if w.startswith("SEQ_LENGTH=")] == ["SEQ_LENGTH=131072", "SEQ_LENGTH=262144"]
     assert "INIT_FROM=runs/long_context/stage0" in stages[0]
     assert "INIT_FROM=runs/long_context/stage1/checkpoints" in stages[1]
+    stage_env = dict(w.split("=", 1) for w in stages[0][1:stages[0].index("sbatch")])
+    env = {"SLURM_JOB_NODELIST": "node[1-2]", "SLURM_NNODES": "2", "SLURM_JOB_ID": "7", "ROTARY_BASE": "5000000",
+           "MOBA_CHUNK": "4096", "MOBA_TOPK": "12", "MOBA_FULL_LAYERS": "3", "TP": "8", **stage_env}
+    inner = shlex.split(shlex.split(_dry("examples/slurm/pretrain_gpt_moba.sbatch", env, fake_slurm)[0])[5]
+                        .replace("$SLURM_NODEID", "0"))
+    job = parse_args(_trainer_flags(inner[:-2]), world_size=64)
+    cfg = read_hf_config(str(hf))
+    imported = parse_args(model_flags(cfg) + tokenizer_flags(str(hf), cfg) + [
+        "--seq-length", "64", "--train-iters", "1", "--mock-data"], world_size=1)
+    assert {k: getattr(job, k) for k in MODEL_FIELDS} == {k: getattr(imported, k) for k in MODEL_FIELDS}
+    assert (job.use_rope_scaling, job.rope_scaling_factor, job.vocab_size) == (True, 8.0, 128256)
+    assert (job.tokenizer_type, job.tokenizer_model) == ("HuggingFaceTokenizer", str(hf))
+    assert (job.rotary_base, job.seq_length, job.max_position_embeddings) == (5000000, 131072, 131072)
+    assert (job.moba_chunk_size, job.moba_topk, job.moba_full_attn_layers) == (4096, 12, 3)
+    assert (job.load, job.finetune, job.context_parallel_size) == ("runs/long_context/stage0", True, 8)
 
 
 def test_tiny_cpu_script_runs_the_demo():
