@@ -271,16 +271,16 @@ def edit_flags(flags, drop=(), add=()):
     return out
 
 
-def job_logits(flags, load, tokens):
+def job_logits(flags, load, tokens, attention="full"):
     """Logits of checkpoint ``load`` (--finetune load) in the model the pretraining job builds from
-    ``flags``, tokenizer included, with full attention."""
+    ``flags``, tokenizer included (with full attention unless ``attention``)."""
     from megatron_moba.training.arguments import parse_args
     from megatron_moba.training.checkpointing import load_checkpoint
     from megatron_moba.training.model import build_model
     from megatron_moba.training.tokenizer import build_tokenizer
     n = tokens.shape[1]
     args = parse_args(list(flags) + ["--seq-length", str(n), "--train-iters", "1", "--mock-data", "--attention",
-                                     "full"], world_size=dist.get_world_size())
+                                     attention], world_size=dist.get_world_size())
     model = build_model(args, build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size))
     load_checkpoint(load, model, finetune=True, args=args)
     model.eval()
@@ -292,7 +292,7 @@ def hf_family_chain(d, tokens, changes, variants, import_flags=(), train=True):
     """The continued-pretraining chain of one HF model in ``d``/hf: the tool's import (its printed flags),
     the imported logits, each variant (flags dropped/added: its load error or its logits), the export
     without training, then (``train``) ``--finetune`` steps with MoBA under the printed flags +
-    ``changes``, the export of that run and its logits."""
+    ``changes``, the export of that run and its logits (full attention, and MoBA on 64 tokens)."""
     import contextlib
     import io
 
@@ -314,4 +314,5 @@ def hf_family_chain(d, tokens, changes, variants, import_flags=(), train=True):
     out["losses"] = run_pretrain(trained + HF_JOB + ["--load", f"{d}/mg", "--finetune", "--save", f"{d}/run"])
     run_export(f"{d}/run", f"{d}/out")
     out["trained"] = job_logits(trained, f"{d}/run", tokens)
+    out["trained_moba"] = job_logits(trained + HF_JOB[2:6], f"{d}/run", tokens[:, :64], "moba")    # chunk 16, top-2
     return out

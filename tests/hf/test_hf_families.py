@@ -155,6 +155,17 @@ def test_continued_pretraining_export_loads_in_transformers_with_the_run_s_logit
     assert _err(res["trained"], chain["expected"]) > 1e-3             # training (and the RoPE change) is visible
 
 
+def test_the_export_runs_moba_in_transformers_as_the_run_does(chain):
+    import megatron_moba.hf  # noqa: F401  (registers attn_implementation="moba")
+    model = getattr(transformers, chain["prefix"] + "ForCausalLM").from_pretrained(
+        str(chain["d"] / "out"), attn_implementation="moba").eval()
+    tokens = chain["tokens"][:, :64]
+    with torch.no_grad():
+        moba, full = model(tokens).logits, _load(chain["prefix"], chain["d"] / "out")[0](tokens).logits
+    assert _err(chain["res"]["trained_moba"], moba) < 1e-4
+    assert _err(moba, full) > 1e-3                                     # 48-64 tokens, chunk 16, top-2: sparse
+
+
 @pytest.mark.parametrize("chain", ["qwen2", "qwen3"], indirect=True)
 def test_biases_and_qk_norms_load_at_tensor_parallel_2(chain):
     d = chain["d"]
