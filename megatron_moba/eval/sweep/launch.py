@@ -78,11 +78,12 @@ def provenance() -> dict:
     return dict(commit=git("rev-parse", "HEAD") or None, dirty=dirty, versions=versions, machine=machine)
 
 
-def _job_tokens_per_s(log_lines: List[str]) -> Optional[float]:
-    """The mean of the job's own "N tokens/s" figures (step time only: saves and evaluation excluded)."""
-    import re
-    rates = [float(m.group(1)) for x in log_lines if x.startswith("iteration")
-             for m in [re.search(r"\| (\d+(?:\.\d+)?) tokens/s", x)] if m]
+def _job_tokens_per_s(metrics_file: str) -> Optional[float]:
+    """The mean of the job's own tokens/s figures in its --metrics-file (step time only: saves and
+    evaluation excluded)."""
+    import json
+    with open(metrics_file) as f:
+        rates = [row["tokens_per_s"] for row in map(json.loads, f) if row.get("tokens_per_s")]
     return sum(rates) / len(rates) if rates else None
 
 
@@ -112,7 +113,7 @@ def train_locally(runs: List[Run], desc: dict, python: str, log=print) -> None:
         if code != 0 or not r.done():
             raise RuntimeError(f"run {r.name} failed (exit code {code}); last lines of {logfile}:\n  " +
                                "\n  ".join(tail[-15:]))
-        rate = _job_tokens_per_s(tail)
+        rate = _job_tokens_per_s(os.path.join(r.directory, "metrics.jsonl"))
         meta = dict(name=r.name, model=r.model, variant=r.variant, non_embedding_params=r.params,
                     train_tokens=r.tokens, train_iters=r.train_iters, compute_pflops_days=r.compute_pflops_days,
                     wall_s=round(wall, 1), tokens_per_s_wall=round(r.tokens / wall, 1),
