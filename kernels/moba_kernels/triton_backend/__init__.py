@@ -4,6 +4,7 @@
     tiles.py  query tiles and the reverse index (key block -> the queries that chose it)
     fwd.py    own block (causal) + earlier blocks merged by LSE
     bwd.py    dK/dV per key tile (one writer, no atomics), dQ in a separate pass
+    buffers.py the kernels' output allocations (the test checker's NaN-fill hook)
 
 Limits (``unsupported`` names them; ``backend=None`` then falls back to ``torch``): float16,
 bfloat16 or float32; head dim a power of two in [16, 256]; ``chunk_size`` a multiple of 16.

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import buffers
 from .fwd import LOG2E
 from .tuning import launch_kwargs, tune
 
@@ -197,8 +198,8 @@ def moba_bwd_triton(dout, q, k, v, out, lse, layout, tiles, past, softmax_scale:
     qk_scale = softmax_scale * LOG2E
     delta = (dout.float() * out.float()).sum(-1).reshape(-1)                        # [T*Hq]
     lse = lse.reshape(-1).contiguous()
-    dq = (torch.zeros if atomic else torch.empty)(total * hq, dim, dtype=torch.float32, device=q.device)
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    dq = (buffers.zeros if atomic else buffers.empty)(total * hq, dim, dtype=torch.float32, device=q.device)
+    dk, dv = buffers.empty_like(k), buffers.empty_like(v)
     qkv = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
            dout.stride(0), dout.stride(1))
     block_start = layout.block_start.to(torch.int32)

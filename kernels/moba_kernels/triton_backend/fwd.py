@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import buffers
 from .tuning import launch_kwargs, tune
 
 LOG2E = 1.4426950408889634
@@ -123,8 +124,8 @@ def moba_fwd_triton(q, k, v, layout, tiles, past, softmax_scale: float, cfg):
     total, hq, dim = q.shape
     hkv = k.shape[1]
     ieee = q.dtype == torch.float32
-    acc = torch.empty(total * hq, dim, dtype=torch.float32, device=q.device)
-    lse = torch.empty(total * hq, dtype=torch.float32, device=q.device)
+    acc = buffers.empty(total * hq, dim, dtype=torch.float32, device=q.device)
+    lse = buffers.empty(total * hq, dtype=torch.float32, device=q.device)
     strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1))
     qk_scale = softmax_scale * LOG2E
     if tiles.count:

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from ..layout import BlockLayout
+from . import buffers
 from .tiles import QueryTiles
 
 
@@ -37,7 +38,7 @@ def _block_mean_kernel(K, KM, BLOCK_START, BLOCK_LEN, sk_t, sk_h, skm_b, skm_h,
 
 def block_mean_keys_triton(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """k [T, Hkv, D] -> [NB, Hkv, D] float32 block means (no fp32 copy of k)."""
-    kmean = torch.empty(layout.num_blocks, k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
+    kmean = buffers.empty(layout.num_blocks, k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
     if layout.num_blocks:
         _block_mean_kernel[(layout.num_blocks, k.shape[1])](
             k, kmean, layout.block_start.to(torch.int32), layout.block_len.to(torch.int32), k.stride(0), k.stride(1),
@@ -103,7 +104,7 @@ def select_blocks_triton(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, 
     if topk == 1:
         return own.contiguous()
     kmean = block_mean_keys_triton(k, layout)                                       # [NB, Hkv, D] fp32
-    past = torch.empty(total, hq, topk - 1, dtype=torch.int32, device=q.device)
+    past = buffers.empty(total, hq, topk - 1, dtype=torch.int32, device=q.device)
     if tiles.count:
         meta = gate_meta(dim, topk, block_m)
         _gate_topk_kernel[(tiles.count, hq, triton.cdiv(block_m, meta["BLOCK_M"]))](
