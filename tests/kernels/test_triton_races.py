@@ -178,7 +178,11 @@ CASES = {  # name: (lens, hq, hkv, dim, chunk, topk, query rows or None)
     "cp-rows": ([64], 4, 2, 16, 16, 2, [*range(0, 16), *range(48, 64)]),          # CP rank: chunks 0 and 3
     "scattered-rows-gqa4": ([50, 1, 31], 4, 1, 16, 16, 3, [3, 4, 5, 17, 30, 49, 50, 52, 80, 81]),
     "decode-step": ([45], 2, 1, 16, 16, 2, [44]),
+    "fp16-ragged": ([1, 63, 34], 4, 2, 32, 16, 3, None),        # 2-byte elements next to int32 indices
+    "many-pair-tiles": ([160], 4, 1, 16, 16, 2, None),           # a block chosen by > 64 pairs: several tiles
+    "dim256-tiles32": ([70, 33], 2, 1, 256, 32, 3, None),        # head dim > 128: 32-row/32-key tiles
 }
+DTYPES = {"fp16-ragged": torch.float16}
 ATOMIC = ["ragged-one-token-gqa2", "chunk48-gqa4", "scattered-rows-gqa4"]
 KERNELS = {"_block_mean_kernel", "_gate_topk_kernel", "_own_fwd_kernel", "_past_fwd_kernel", "_dkdv_kernel",
            "_own_dq_kernel", "_past_dq_kernel"}
@@ -204,10 +208,12 @@ def _reference_lse(q, k, sel, layout, scale, q_tok):
 def _checked_case(name, dq_mode, monkeypatch):
     lens, hq, hkv, dim, chunk, topk, rows = CASES[name]
     monkeypatch.setenv("MOBA_TRITON_DQ", dq_mode)
-    q, k, v = rand_qkv(sum(lens), hq, hkv, dim, seed=len(name))
+    dtype = DTYPES.get(name, torch.float32)
+    tol = 2e-5 if dtype == torch.float32 else 1e-2
+    q, k, v = rand_qkv(sum(lens), hq, hkv, dim, dtype, seed=len(name))
     pos = None if rows is None else torch.tensor(rows)
     q = q if pos is None else q[pos]
-    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     cu, scale = cu_from_lens(lens), dim ** -0.5
     with tlc.checked() as chk:
         sel = triton_backend.triton_select_op(q, k, cu, chunk, topk, pos)
@@ -219,12 +225,12 @@ def _checked_case(name, dq_mode, monkeypatch):
     layout = block_layout(cu.tolist(), chunk, q.device)
     assert torch.equal(sel, select_blocks(q, k, layout, topk, pos))
     q_tok = torch.arange(q.shape[0]) if pos is None else pos
-    assert max_err(lse, _reference_lse(q, k, sel, layout, scale, q_tok)) < 2e-5
+    assert max_err(lse, _reference_lse(q, k, sel, layout, scale, q_tok)) < tol
     fn = lambda a, b, c: moba_attn_varlen(a, b, c, cu, max(lens), chunk, topk, backend="reference", q_positions=pos)
     ref_out, ref_grads = run_with_grads(fn, [q, k, v], dout)
-    assert max_err(out, ref_out) < 2e-5
+    assert out.dtype == dtype and max_err(out, ref_out) < tol
     for label, g, rg in zip(("dq", "dk", "dv"), (dq, dk, dv), ref_grads):
-        assert max_err(g, rg) < 2e-5, label
+        assert g.dtype == dtype and max_err(g, rg) < tol, label
     return chk
 
 
@@ -248,8 +254,52 @@ def test_atomic_dq_mode_shares_only_dq_rows_and_only_atomically(name, monkeypatc
     assert chk.stats["shared_atomic_elements"] > 0     # rows really are shared by several key tiles
 
 
+# ---------------------------------------------------------------- the checker on the real kernels' index bugs
+def test_an_overlapping_pair_tile_in_the_past_kernels_is_caught(monkeypatch):
+    """Break the reverse index so that two tiles of slot 0 cover the same selection pairs: two
+    programs of one _past_fwd_kernel launch then read-modify-write the same accumulator rows."""
+    from moba_kernels.triton_backend import tiles
+    real = tiles.past_index
+
+    def overlapping(*args, **kwargs):
+        past = real(*args, **kwargs)
+        s0, e0 = past.slot_range[0].tolist()
+        assert e0 - s0 >= 2
+        past.tile_pair[s0 + 1], past.tile_len[s0 + 1] = past.tile_pair[s0], past.tile_len[s0]
+        return past
+    monkeypatch.setattr(tiles, "past_index", overlapping)
+    with pytest.raises(tlc.RaceError, match=r"_past_fwd_kernel .*addresses stored by two or more programs .* "
+                                            r"e\.g\. (ACC|LSE)\[\d+"):
+        _checked_case("ragged-one-token-gqa2", "separate", monkeypatch)
+
+
+def test_a_dropped_query_tile_is_caught(monkeypatch):
+    """Drop the last query tile: its rows' selections, outputs and LSE are never written, and the
+    backward reads that LSE."""
+    from moba_kernels.triton_backend import tiles
+    real = tiles.query_tiles
+
+    def dropped(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return tiles.QueryTiles(*(x[:-1] for x in (t.row, t.token, t.length, t.block_start, t.own, t.first_block)),
+                                t.count - 1)
+    monkeypatch.setattr(tiles, "query_tiles", dropped)
+    with pytest.raises(tlc.UnwrittenRead, match=r"_dkdv_kernel .*: 16 loads of a float32\[392\] allocated at "
+                                                r"fwd.py:\d+ \(moba_fwd_triton\) before any program wrote them"):
+        _checked_case("fp16-ragged", "separate", monkeypatch)
+    # the forward alone: the selection rows of that tile are never written
+    with pytest.raises(tlc.UnwrittenOutput, match=r"16 of 784 elements of a int32\[98, 4, 2\] allocated at "
+                                                  r"gate.py:\d+ \(select_blocks_triton\) were never written"):
+        with tlc.LaunchChecker():
+            q, k, v = rand_qkv(98, 4, 2, 32, torch.float16)
+            cu = cu_from_lens([1, 63, 34])
+            sel = triton_backend.triton_select_op(q, k, cu, 16, 3)
+            triton_backend.triton_fwd_op(q, k, v, cu, sel, 16, 32 ** -0.5)
+
+
 def test_report_the_launches_and_accesses_checked(capsys):
-    """Runs last in this file: the figures of all the checked MoBA runs above."""
+    """Runs last in this file: the figures of all the checked MoBA runs above (the runs with planted
+    bugs are not counted)."""
     totals, kernels = tlc.TOTALS, tlc.KERNELS
     if not set(kernels) >= KERNELS:
         pytest.skip("run with the kernel tests above")
