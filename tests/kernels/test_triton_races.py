@@ -73,6 +73,21 @@ def _store_over_atomics(X, Y, N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _store_then_reload(X, Y, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + i, tl.load(X + i, mask=i < N), mask=i < N)
+    tl.store(Y + i, tl.load(Y + i, mask=i < N) * 2, mask=i < N)       # its own rows, after writing them
+
+
+@triton.jit
+def _reload_then_store(X, Y, N, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    y = tl.load(Y + i, mask=i < N)                                      # its own rows, before writing them
+    tl.store(Y + i, tl.load(X + i, mask=i < N), mask=i < N)
+    tl.store(Y + i, y, mask=i < N)
+
+
+@triton.jit
 def _unmasked(X, Y, N, BLOCK: tl.constexpr):
     i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tl.store(Y + i, tl.load(X + i), mask=i < N)       # loads past the end of X
@@ -132,6 +147,17 @@ def test_reading_an_element_no_launch_wrote_is_caught():
         with tlc.LaunchChecker(coverage=False):
             y = _toy(_skips_last_row)
             _toy(_double, x=y)
+
+
+def test_a_program_may_reload_what_it_wrote_but_not_read_a_fresh_buffer_first():
+    with tlc.LaunchChecker():
+        y = _toy(_store_then_reload)
+    assert torch.equal(y, torch.arange(N, dtype=torch.float32) * 2)
+    with pytest.raises(tlc.UnwrittenRead, match=r"_reload_then_store .*: 37 loads of a float32\[37\] allocated at "
+                                                r".* before any program wrote them, e\.g\. element 0 by program "
+                                                r"\(0, 0, 0\)"):
+        with tlc.LaunchChecker():
+            _toy(_reload_then_store)
 
 
 def test_atomics_may_share_addresses_but_not_with_plain_stores():

@@ -14,8 +14,8 @@ lanes whose mask is false are not accesses), and at the end of each launch
    (plain or atomic); a read-modify-write inside one program is fine;
 3. ``OutOfBounds``: every access lies inside one of the launch's tensor arguments;
 4. ``UnwrittenRead``: no program loads an element of a fresh output buffer (one allocated through
-   ``moba_kernels.triton_backend.buffers``) that no earlier launch, and not the program itself,
-   has written.
+   ``moba_kernels.triton_backend.buffers``) that neither an earlier launch nor the program itself,
+   before the load, has written.
 
 Buffers allocated through ``buffers.empty`` start filled with NaN (floats) or ``INT_SENTINEL``
 (integers) while the checker is active, and are kept alive until it is closed (so their
@@ -97,6 +97,7 @@ class _Launch:
     index: int
     args: List[_Arg]
     grid: tuple = (1, 1, 1)
+    calls: int = 0     # memory operations recorded so far (their order within a program)
     records: Dict[str, list] = field(default_factory=lambda: {k: [] for k in _KINDS})
 
 
@@ -243,7 +244,8 @@ class LaunchChecker:
         x, y, z = ip.interpreter_builder.grid_idx
         ny, nz = ip.interpreter_builder.grid_dim[1:]
         itemsize = max(ptrs.get_element_ty().primitive_bitwidth // 8, 1)
-        launch.records[kind].append(((x * ny + y) * nz + z, addrs.astype(np.int64), itemsize))
+        launch.calls += 1
+        launch.records[kind].append(((x * ny + y) * nz + z, addrs.astype(np.int64), itemsize, launch.calls))
 
     # ------------------------------------------------------------------ checking
     def _where(self, launch: _Launch, addr: int) -> str:
@@ -274,18 +276,20 @@ class LaunchChecker:
         aligned = all(not (r[1] % unit).any() for kind in _KINDS for r in recs[kind]) if unit > 1 else True
         unit = unit if aligned else 1
 
-        def units(kind):
-            """(units, pids) of all accesses of a kind: each element split into units."""
+        def units(kind, order=False):
+            """(units, pids[, call numbers]) of all accesses of a kind, each element split into units."""
             if not recs[kind]:
-                return np.zeros(0, np.int64), np.zeros(0, np.int64)
-            us, ps = [], []
-            for pid, addrs, size in recs[kind]:
+                return (np.zeros(0, np.int64),) * (3 if order else 2)
+            us, ps, cs = [], [], []
+            for pid, addrs, size, call in recs[kind]:
                 u = addrs // unit
                 if size > unit:
                     u = (u[:, None] + np.arange(size // unit)[None, :]).reshape(-1)
                 us.append(u)
                 ps.append(np.full(u.size, pid, np.int64))
-            return np.concatenate(us), np.concatenate(ps)
+                if order:
+                    cs.append(np.full(u.size, call, np.int64))
+            return (np.concatenate(us), np.concatenate(ps)) + ((np.concatenate(cs),) if order else ())
 
         name = f"{launch.kernel} (launch {launch.index}, grid {launch.grid})"
         counts = {kind: sum(r[1].size for r in recs[kind]) for kind in _KINDS}
@@ -345,11 +349,8 @@ class LaunchChecker:
                     f"{name}: {int(clash.sum())} loads of addresses another program of the launch writes, e.g. "
                     f"program {self._program(launch, int(lp[j]))} loads {self._where(launch, int(lu[j]) * unit)} "
                     f"written by program {self._program(launch, others[0])}")
-        else:
-            hit = np.zeros(lu.size, bool)
-            kc = np.zeros(lu.size, np.int64)
 
-        # 4. loads of fresh buffers: written before this launch, or by the loading program itself
+        # 4. loads of fresh buffers: written by an earlier launch, or by the loading program before the load
         for buf in self.buffers:
             lo, hi = buf.ptr // unit, (buf.ptr + buf.elem_of_offset.size * buf.itemsize) // unit
             if buf.zero or lo == hi:
@@ -359,14 +360,8 @@ class LaunchChecker:
                 continue
             elem = buf.elem_of_offset[(lu[inside] * unit - buf.ptr) // buf.itemsize]
             fresh = (elem < 0) | ~buf.written[np.maximum(elem, 0)]
-            own = hit[inside] & (writer[kc[inside]] == lp[inside])
-            bad = fresh & ~own
-            if bad.any():
-                j = int(np.flatnonzero(bad)[0])
-                e = int(elem[j])
-                raise UnwrittenRead(
-                    f"{name}: {int(bad.sum())} loads of a {buf.describe()} before any program wrote them, e.g. "
-                    f"element {e} by program {self._program(launch, int(lp[inside][j]))}")
+            if fresh.any():
+                self._check_fresh_loads(launch, name, buf, np.unique(lu[inside][fresh]), unit, units)
 
         # the buffers' written elements
         if uniq.size:
@@ -386,6 +381,31 @@ class LaunchChecker:
         s["stores"] += counts["store"]
         s["atomics"] += counts["atomic"]
         launch.records = {k: [] for k in _KINDS}          # free the addresses
+
+    def _check_fresh_loads(self, launch, name, buf, cand, unit, units):
+        """Loads of units ``cand`` of ``buf`` (not written by an earlier launch) must each follow a
+        write of the same unit by the same program."""
+        lu, lp, lc = units("load", order=True)
+        wu, wp, wc = (np.concatenate(a) for a in zip(units("store", order=True), units("atomic", order=True)))
+        keep_l, keep_w = np.isin(lu, cand), np.isin(wu, cand)
+        u = np.concatenate([wu[keep_w], lu[keep_l]])
+        p = np.concatenate([wp[keep_w], lp[keep_l]])
+        c = np.concatenate([wc[keep_w], lc[keep_l]])
+        is_load = np.concatenate([np.zeros(int(keep_w.sum()), bool), np.ones(int(keep_l.sum()), bool)])
+        order = np.lexsort((is_load, c, p, u))            # per (unit, program) in program order, writes first
+        u, p, is_load = u[order], p[order], is_load[order]
+        idx = np.arange(u.size)
+        new = np.ones(u.size, bool)
+        new[1:] = (u[1:] != u[:-1]) | (p[1:] != p[:-1])
+        group_start = np.maximum.accumulate(np.where(new, idx, 0))
+        last_write = np.maximum.accumulate(np.where(~is_load, idx, -1))
+        bad = is_load & (last_write < group_start)
+        if bad.any():
+            j = int(np.flatnonzero(bad)[0])
+            e = int(buf.elem_of_offset[(int(u[j]) * unit - buf.ptr) // buf.itemsize])
+            raise UnwrittenRead(
+                f"{name}: {int(bad.sum())} loads of a {buf.describe()} before any program wrote them, e.g. "
+                f"element {e} by program {self._program(launch, int(p[j]))}")
 
     def check_coverage(self):
         """Every element of every buffer allocated through triton_backend.buffers was written."""
