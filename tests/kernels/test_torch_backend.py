@@ -160,3 +160,41 @@ def test_query_subset_matches_rows_of_full_attention(backend):
     assert max_err(sub_grads[0], full_grads[0][pos]) < 1e-5
     assert max_err(sub_grads[1], full_grads[1]) < 1e-5
     assert max_err(sub_grads[2], full_grads[2]) < 1e-5
+
+
+@pytest.mark.parametrize("flash", [True, False])
+@pytest.mark.parametrize("lens,hq,hkv,dim,chunk,topk", [CASES[1], CASES[3], CASES[5]])
+def test_smallest_tiles_match_reference(monkeypatch, flash, lens, hq, hkv, dim, chunk, topk):
+    """Every tiling loop taken many times: one block per own-block step, a few rows per
+    earlier-block step (a group of pairs split across steps), two score rows per portable step."""
+    from moba_kernels import gate, torch_backend
+    monkeypatch.setattr(torch_backend, "USE_CPU_FLASH", flash)
+    monkeypatch.setattr(torch_backend, "_TILE", 3 * dim)
+    monkeypatch.setattr(torch_backend, "_SCORE_BUDGET", 2 * hq * chunk)
+    monkeypatch.setattr(gate, "_SCORE_BUDGET", 5 * hq * 2)
+    r = _both(lens, hq, hkv, dim, chunk, topk, torch.float32, seed=31)
+    (out, grads), (ref_out, ref_grads) = r["torch"], r["reference"]
+    assert max_err(out, ref_out) < 1e-5
+    for name, g, rg in zip("qkv", grads, ref_grads):
+        assert max_err(g, rg) < 1e-5, name
+
+
+@pytest.mark.parametrize("flash", [True, False])
+def test_query_subset_in_small_tiles(monkeypatch, flash):
+    """q_positions with the own-block pass packing one block per step (portable and CPU flash)."""
+    from moba_kernels import torch_backend
+    monkeypatch.setattr(torch_backend, "USE_CPU_FLASH", flash)
+    monkeypatch.setattr(torch_backend, "_TILE", 2 * 16)
+    lens = [30, 0, 41]
+    q, k, v = rand_qkv(sum(lens), 4, 2, 16, seed=18)
+    cu = cu_from_lens(lens)
+    pos = torch.tensor([1, 2, 7, 8, 16, 29, 31, 40, 46, 70])
+    grad = torch.randn(len(pos), 4, 16, generator=torch.Generator().manual_seed(3))
+    args = dict(cu_seqlens=cu, max_seqlen=41, chunk_size=8, topk=2, q_positions=pos)
+    sub, sub_grads = run_with_grads(lambda q_, k_, v_: moba_attn_varlen(q_, k_, v_, backend="torch", **args),
+                                    [q[pos], k, v], grad)
+    ref, ref_grads = run_with_grads(lambda q_, k_, v_: moba_attn_varlen(q_, k_, v_, backend="reference", **args),
+                                    [q[pos], k, v], grad)
+    assert max_err(sub, ref) < 1e-5
+    for name, g, rg in zip("qkv", sub_grads, ref_grads):
+        assert max_err(g, rg) < 1e-5, name
