@@ -8,7 +8,8 @@
 
 Implementations: ``sdpa`` (dense causal, PyTorch's own backend choice), ``sdpa_flash`` and
 ``sdpa_cudnn`` (dense causal pinned to that SDPA backend), ``flex`` (compiled flex_attention with
-a block mask encoding the same MoBA selection), and the MoBA backends (``triton``, ``torch``,
+a block mask encoding the same MoBA selection; forward only on CPU, where compiled flex_attention
+has no backward), and the MoBA backends (``triton``, ``torch``,
 ``reference``; ``triton_atomic`` is ``triton`` with dQ by atomics).  Speedups are against ``sdpa_flash``
 when it ran, else ``sdpa``.
 TFLOP/s count only the (query, key) pairs each implementation attends (dense causal for SDPA).
@@ -44,7 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--dtype", choices=DTYPES, default="fp32")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    p.add_argument("--impls", default="sdpa,torch,reference",
+    p.add_argument("--impls", default="sdpa,torch,flex,reference",
                    help="comma-separated: sdpa, sdpa_flash, sdpa_cudnn (dense causal baselines), flex, "
                         "and MoBA backends (triton, torch, reference)")
     p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")

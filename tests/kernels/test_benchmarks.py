@@ -17,9 +17,14 @@ def _run(script, *args):
 def test_bench_attention_table_and_json(tmp_path):
     out = tmp_path / "b.json"
     text = _run("bench_attention.py", "--seqlens", "256", "--chunk-size", "64", "--topk", "2", "--heads", "2",
-                "--head-dim", "16", "--impls", "sdpa,torch,flex", "--modes", "fwd", "--reps", "1", "--out", str(out))
+                "--head-dim", "16", "--impls", "sdpa,torch,flex", "--modes", "fwd,fwdbwd", "--reps", "1",
+                "--out", str(out))
     result = json.loads(out.read_text())
-    rows = {r["impl"]: r for r in result["rows"]}
+    # compiled flex_attention has no CPU backward: a forward-only peer there
+    assert sorted((r["impl"], r["mode"]) for r in result["rows"]) == sorted(
+        [(i, "fwd") for i in ("sdpa", "torch", "flex")] + [("sdpa", "fwdbwd"), ("torch", "fwdbwd")])
+    assert all(r["mem_vs_sdpa"] > 0 for r in result["rows"]) and "mem/sdpa" in text
+    rows = {r["impl"]: r for r in result["rows"] if r["mode"] == "fwd"}
     assert set(rows) == {"sdpa", "torch", "flex"} and "seqlen" in text
     assert result["environment"]["torch"] == __import__("torch").__version__
     # dense causal counts every (query, key <= query) pair; MoBA counts fewer, the same for torch and flex
