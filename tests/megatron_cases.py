@@ -60,8 +60,13 @@ def make_config(**overrides):
 
 
 def build_gpt(config, seed=1234):
-    from megatron_moba import build_moba_gpt
+    """A GPT, or with ``config.hybrid_layer_pattern`` a HybridModel (megatron-core 0.19+)."""
     torch.manual_seed(seed)
+    if config.hybrid_layer_pattern:
+        from megatron_moba.core.hybrid import build_moba_hybrid
+        return build_moba_hybrid(config, vocab_size=VOCAB, seq_length=SEQ, use_te=False,
+                                 share_embeddings_and_output_weights=False)
+    from megatron_moba import build_moba_gpt
     return build_moba_gpt(config, vocab_size=VOCAB, seq_length=SEQ, use_te=False,
                           share_embeddings_and_output_weights=False)
 
@@ -73,11 +78,28 @@ def _global_name(name: str, offset: int) -> str:
     return ".".join(parts)
 
 
+def _layer_offset(model) -> int:
+    """Global number - 1 of this stage's first layer (GPT and HybridModel layers carry global numbers)."""
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+def _to_gpt_names(model, named: dict) -> dict:
+    """A HybridModel's global names -> GPT names (pattern '*-' x L), so that runs of both compare."""
+    if getattr(model.config, "hybrid_layer_pattern", None):
+        from megatron_moba.core.hybrid_pattern import hybrid_to_gpt
+        return hybrid_to_gpt(named)
+    return named
+
+
 def load_full_weights(model, full: dict):
-    """Copy this rank's TP slice of each of its (pipeline-local) parameters from a full state dict."""
+    """Copy this rank's TP slice of each of its (pipeline-local) parameters from a full state dict
+    (GPT names; a HybridModel of pattern '*-' x L takes them through the GPT <-> hybrid mapping)."""
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-    offset = get_transformer_layer_offset(model.config)
+    if getattr(model.config, "hybrid_layer_pattern", None):
+        from megatron_moba.core.hybrid_pattern import gpt_to_hybrid
+        full = gpt_to_hybrid(full)
+    offset = _layer_offset(model)
     tp, rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -88,10 +110,9 @@ def load_full_weights(model, full: dict):
 
 
 def full_grads(model) -> dict:
-    """Gradients by global parameter name, TP shards gathered into full tensors."""
+    """Gradients by global parameter name (GPT names, also for a HybridModel), TP shards gathered."""
     from megatron.core import parallel_state as ps
-    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-    offset = get_transformer_layer_offset(model.config)
+    offset = _layer_offset(model)
     group, tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
     out = {}
     for name, p in model.named_parameters():
@@ -101,7 +122,7 @@ def full_grads(model) -> dict:
             dist.all_gather(parts, g.contiguous(), group=group)
             g = torch.cat(parts, dim=p.partition_dim)
         out[_global_name(name, offset)] = g
-    return out
+    return _to_gpt_names(model, out)
 
 
 def batches(steps, micro, mbs=2, seed=7):

@@ -37,7 +37,8 @@ def parse(argv):
                                 epilog=__doc__.split("\n\n", 2)[2])
     p.add_argument("--load", required=True, help="checkpoint directory of the training job")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
-    p.add_argument("--layer", type=int, required=True, help="layer number, 1-based")
+    p.add_argument("--layer", type=int, required=True,
+                   help="layer number, 1-based (a HybridModel: counted over its attention layers)")
     p.add_argument("--head", type=int, default=0, help="query head, 0-based (default 0)")
     p.add_argument("--text-file", default=None, help="input text, tokenized with the checkpoint's tokenizer")
     p.add_argument("--data-path", default=None, help="indexed dataset prefix (PREFIX.bin/.idx); with --doc")

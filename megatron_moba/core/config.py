@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
+from megatron_moba.core import hybrid_pattern
 from megatron_moba.core.versions import megatron_core_version
 
 megatron_core_version()     # an unsupported megatron-core fails here, naming the supported releases
@@ -21,7 +22,9 @@ ATTENTION_CHOICES = ("moba", "full")
 class MoBATransformerConfig(TransformerConfig):
     """``TransformerConfig`` plus MoBA.
 
-    Layer numbers are megatron's: 1-based, global across pipeline stages.
+    Layer numbers are megatron's: 1-based, global across pipeline stages.  In a HybridModel
+    (``hybrid_layer_pattern``) the MoBA settings and ``is_moba_layer`` count attention layers only
+    (the k-th ``*`` of the pattern), so a GPT of L layers and the pattern ``*-`` x L agree.
     """
 
     attention: str = "moba"
@@ -42,19 +45,36 @@ class MoBATransformerConfig(TransformerConfig):
     moba_full_attn_layer_list: Optional[List[int]] = None
     """Explicit 1-based layer numbers that keep full attention (--moba-full-attn-layer-list)."""
 
+    hybrid_layer_pattern: Optional[str] = None
+    """HybridModel's layer pattern (--hybrid-layer-pattern: ``*`` attention, ``-`` MLP, ``|`` pipeline
+    split; megatron_moba.core.hybrid_pattern); None for a GPTModel."""
+
     def __post_init__(self):
         _check_flags(self)
         super().__post_init__()
 
+    def attention_layer_count(self) -> int:
+        """How many attention layers the model has (a GPT: every layer)."""
+        return hybrid_pattern.layer_counts(self.num_layers, self.hybrid_layer_pattern)[0]
+
+    def attention_ordinal(self, layer_number: int) -> Optional[int]:
+        """The 1-based number among the attention layers of global layer ``layer_number`` (None: not an
+        attention layer).  A GPT's layers are all attention layers: the number itself."""
+        if not self.hybrid_layer_pattern:
+            return layer_number
+        return hybrid_pattern.attention_ordinals(self.hybrid_layer_pattern)[layer_number - 1]
+
     def full_attention_layers(self) -> List[int]:
-        """1-based numbers of the layers that run full attention."""
+        """1-based numbers (among the attention layers) of the layers that run full attention."""
+        n = self.attention_layer_count()
         if self.attention == "full":
-            return list(range(1, self.num_layers + 1))
-        last = range(self.num_layers - self.moba_full_attn_layers + 1, self.num_layers + 1)
+            return list(range(1, n + 1))
+        last = range(n - self.moba_full_attn_layers + 1, n + 1)
         return sorted(set(last) | set(self.moba_full_attn_layer_list or []))
 
-    def is_moba_layer(self, layer_number: int) -> bool:
-        return layer_number not in self.full_attention_layers()
+    def is_moba_layer(self, attention_layer: int) -> bool:
+        """Whether attention layer ``attention_layer`` (1-based, counted over attention layers) runs MoBA."""
+        return attention_layer not in self.full_attention_layers()
 
 
 def _check_flags(c: MoBATransformerConfig) -> None:
@@ -67,12 +87,18 @@ def _check_flags(c: MoBATransformerConfig) -> None:
     need_int(c.moba_chunk_size, "--moba-chunk-size", 1)
     need_int(c.moba_topk, "--moba-topk", 1)
     need_int(c.moba_full_attn_layers, "--moba-full-attn-layers", 0)
-    if c.moba_full_attn_layers > c.num_layers:
-        raise ValueError(f"--moba-full-attn-layers ({c.moba_full_attn_layers}) exceeds --num-layers ({c.num_layers})")
+    if c.hybrid_layer_pattern is not None:
+        hybrid_pattern.check_pattern(c.hybrid_layer_pattern, c.num_layers, c.pipeline_model_parallel_size)
+    layers = c.attention_layer_count()
+    which = (f"the attention layers ('*') of --hybrid-layer-pattern ({layers})" if c.hybrid_layer_pattern
+             else f"--num-layers ({layers})")
+    if c.moba_full_attn_layers > layers:
+        raise ValueError(f"--moba-full-attn-layers ({c.moba_full_attn_layers}) exceeds {which}")
     for n in c.moba_full_attn_layer_list or []:
-        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= c.num_layers:
-            raise ValueError(f"--moba-full-attn-layer-list: layer {n!r} is out of range 1..{c.num_layers} "
-                             "(layer numbers are 1-based)")
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= layers:
+            raise ValueError(f"--moba-full-attn-layer-list: layer {n!r} is out of range 1..{layers} "
+                             "(layer numbers are 1-based" + (", counted over the attention layers ('*')"
+                                                             if c.hybrid_layer_pattern else "") + ")")
     if c.moba_backend is not None:
         from moba_kernels import backend_names
         if c.moba_backend not in backend_names():

@@ -74,18 +74,41 @@ def _with_core_attention(layer_spec: ModuleSpec, module) -> ModuleSpec:
     return spec
 
 
-def get_moba_layer_specs(config: MoBATransformerConfig, use_te: Optional[bool] = None) -> list:
-    """One ``TransformerLayer`` spec per layer of the whole model (layer ``i`` is number ``i + 1``)."""
+def moba_and_full_layer_specs(config: MoBATransformerConfig, use_te: bool) -> tuple:
+    """(MoBA layer spec, full-attention layer spec): megatron's GPT ``TransformerLayer`` spec with
+    MoBA, or the full core attention (TE's on GPU, ``FullCoreAttention`` in the local spec)."""
     if not isinstance(config, MoBATransformerConfig):
-        raise TypeError("get_moba_layer_specs needs a MoBATransformerConfig (megatron_moba.core.config)")
+        raise TypeError("MoBA layer specs need a MoBATransformerConfig (megatron_moba.core.config)")
     if config.multi_latent_attention:
         raise ValueError("MoBA layer specs support standard multi-head/GQA attention, not --multi-latent-attention")
-    use_te = te_available() if use_te is None else use_te
     stock = _stock_layer_spec(config, use_te)
     if config.sequence_parallel and not use_te:
         stock = _local_sp_norms(stock, config.qk_layernorm)
     moba = _with_core_attention(stock, MoBACoreAttention)
     full = stock if use_te else _with_core_attention(stock, FullCoreAttention)
+    return moba, full
+
+
+def final_norm_spec(config: MoBATransformerConfig, use_te: bool):
+    """The norm after the last layer: TE's own with TE (its layers fuse their input norms), else the local
+    spec's (``SequenceParallelTorchNorm`` under --sequence-parallel)."""
+    if use_te:
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+        return TESpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=False)
+    if config.sequence_parallel:
+        return SequenceParallelTorchNorm
+    return _stock_layer_spec(config, use_te).submodules.input_layernorm
+
+
+def get_moba_layer_specs(config: MoBATransformerConfig, use_te: Optional[bool] = None) -> list:
+    """One ``TransformerLayer`` spec per layer of the whole model (layer ``i`` is number ``i + 1``)."""
+    if not isinstance(config, MoBATransformerConfig):
+        raise TypeError("get_moba_layer_specs needs a MoBATransformerConfig (megatron_moba.core.config)")
+    if config.hybrid_layer_pattern:
+        raise ValueError("this config has a --hybrid-layer-pattern: it describes a HybridModel "
+                         "(megatron_moba.core.hybrid.build_moba_hybrid), not a GPT")
+    use_te = te_available() if use_te is None else use_te
+    moba, full = moba_and_full_layer_specs(config, use_te)
     return [moba if config.is_moba_layer(n) else full for n in range(1, config.num_layers + 1)]
 
 
@@ -102,10 +125,4 @@ def get_moba_decoder_block_spec(config: MoBATransformerConfig, use_te: Optional[
     else:
         offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
         local = range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank))
-    final_norm = _stock_layer_spec(config, use_te).submodules.input_layernorm
-    if config.sequence_parallel and not use_te:
-        final_norm = SequenceParallelTorchNorm
-    if use_te:   # TE fuses the input norm into linear_qkv; the block's final norm is TE's own
-        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
-        final_norm = TESpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm", for_qk=False)
-    return TransformerBlockSubmodules(layer_specs=[specs[i] for i in local], layer_norm=final_norm)
+    return TransformerBlockSubmodules(layer_specs=[specs[i] for i in local], layer_norm=final_norm_spec(config, use_te))

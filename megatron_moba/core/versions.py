@@ -11,7 +11,8 @@ there with an error naming the installed version and the supported range.
 ``MEGATRON_MOBA_ALLOW_UNSUPPORTED_MCORE=1`` turns that error into a warning (to try a new release;
 the CPU shims then apply the patches of the nearest supported release).
 
-``megatron_core_version()`` is the ``(major, minor, patch)`` that version-specific code keys on.
+``megatron_core_version()`` is the ``(major, minor, patch)`` that version-specific code keys on;
+``hybrid_model_available()`` says whether the release has HybridModel (--hybrid-layer-pattern).
 """
 from __future__ import annotations
 
@@ -83,3 +84,20 @@ def megatron_core_version() -> Version:
     if _CHECKED is None:
         _CHECKED = check_megatron_core()
     return _CHECKED
+
+
+def hybrid_model_available() -> bool:
+    """Whether the installed megatron-core has ``HybridModel`` (``megatron.core.models.hybrid``, 0.19+)."""
+    from importlib.util import find_spec
+    try:
+        return find_spec("megatron.core.models.hybrid") is not None
+    except ImportError:
+        return False
+
+
+def require_hybrid_model(flag: str = "--hybrid-layer-pattern") -> None:
+    """A ValueError naming ``flag`` and the installed release where megatron-core has no HybridModel."""
+    if not hybrid_model_available():
+        raise ValueError(f"{flag} builds megatron-core's HybridModel (megatron.core.models.hybrid), which "
+                         f"megatron-core {installed_version()} does not have (0.19 and later do): upgrade "
+                         f"megatron-core, or leave {flag} out to train a GPTModel")

@@ -38,11 +38,13 @@ class Captured:
 
 
 def find_layer(model, layer: int):
-    """The TransformerLayer with 1-based (global) number ``layer``."""
-    for module in model.decoder.layers:
-        if module.layer_number == layer:
-            return module
-    raise ValueError(f"--layer {layer} is not in this model (layers {[m.layer_number for m in model.decoder.layers]})")
+    """The attention layer number ``layer`` (1-based, global; in a HybridModel counted over its
+    attention layers, as --moba-full-attn-layer-list)."""
+    numbers = {model.config.attention_ordinal(m.layer_number): m for m in model.decoder.layers}
+    numbers.pop(None, None)                    # a HybridModel's MLP layers
+    if layer in numbers:
+        return numbers[layer]
+    raise ValueError(f"--layer {layer} is not in this model (attention layers {sorted(numbers)})")
 
 
 @torch.no_grad()
@@ -214,9 +216,13 @@ def check_flags(load: str, layer: int, head: int = 0, length: Optional[int] = No
         saved = saved_args(load, iteration)
     except (FileNotFoundError, ValueError) as e:
         raise ValueError(f"--load {load}: {e}") from None
-    if not 1 <= layer <= saved.num_layers:
-        raise ValueError(f"--layer {layer} is out of range: the checkpoint has layers 1..{saved.num_layers} "
-                         "(1-based)")
+    from megatron_moba.core.hybrid_pattern import layer_counts
+    pattern = getattr(saved, "hybrid_layer_pattern", None)
+    layers = layer_counts(saved.num_layers, pattern)[0]
+    if not 1 <= layer <= layers:
+        raise ValueError(f"--layer {layer} is out of range: the checkpoint has layers 1..{layers} (1-based"
+                         + (", counted over the attention layers of its --hybrid-layer-pattern" if pattern else "")
+                         + ")")
     if not 0 <= head < saved.num_attention_heads:
         raise ValueError(f"--head {head} is out of range: the checkpoint has heads "
                          f"0..{saved.num_attention_heads - 1} (0-based)")

@@ -4,9 +4,10 @@
     model, args, tokenizer = load_for_eval("runs/demo/moba")        # the run's own flags, from the checkpoint
     losses = token_losses(model, tokens)                             # tokens [b, s+1] -> loss [b, s]
 
-The checkpoint may have been saved at any TP/PP/CP: dist_checkpointing reshards it to the
-layout asked for here (by default one process, TP=1).  Evaluation runs without pipeline or
-context parallelism; under ``torchrun`` it can use tensor parallelism.
+The checkpoint (a GPTModel's, or a HybridModel's: --hybrid-layer-pattern) may have been saved at any
+TP/PP/CP: dist_checkpointing reshards it to the layout asked for here (by default one process,
+TP=1).  Evaluation runs without pipeline or context parallelism; under ``torchrun`` it can use tensor
+parallelism.
 """
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ def load_for_eval(load_dir: str, iteration: Optional[int] = None, seq_length: Op
     args.tensor_model_parallel_size = tensor_model_parallel_size
     args.pipeline_model_parallel_size = args.context_parallel_size = 1
     args.sequence_parallel = False
+    if getattr(args, "hybrid_layer_pattern", None):       # a HybridModel: one stage, no pipeline splits
+        from megatron_moba.core.hybrid_pattern import layer_symbols
+        args.hybrid_layer_pattern = layer_symbols(args.hybrid_layer_pattern)
     initialize_distributed(args)
     tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     from megatron_moba.training.model import build_model

@@ -49,6 +49,11 @@ def build_parser(require_model_flags: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--attention-dropout", type=float, default=0.0, help="must be 0 for MoBA layers")
     g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--hybrid-layer-pattern", default=None,
+                   help="build megatron-core's HybridModel (megatron-core 0.19+) from this layer pattern instead of a "
+                        "GPTModel: '*' attention (MoBA or full), '-' MLP, '|' a pipeline split; --num-layers counts "
+                        "every layer of it (a GPT of L layers is '*-' x L, --num-layers 2L); --moba-full-attn-layers "
+                        "and --moba-full-attn-layer-list count attention layers")
 
     g = p.add_argument_group("MoBA")
     g.add_argument("--attention", choices=["moba", "full"], default="moba",
@@ -224,7 +229,9 @@ def validate_args(args, world_size: int) -> None:
         raise ValueError(f"--seq-length ({args.seq_length}) exceeds --max-position-embeddings "
                          f"({args.max_position_embeddings})")
     _check_attention_flags(args)
-    if args.num_layers % args.pipeline_model_parallel_size:
+    if getattr(args, "hybrid_layer_pattern", None) is not None:
+        _check_hybrid_flags(args)
+    elif args.num_layers % args.pipeline_model_parallel_size:
         raise ValueError(f"--num-layers ({args.num_layers}) must be divisible by --pipeline-model-parallel-size "
                          f"({args.pipeline_model_parallel_size})")
     if args.sequence_parallel and args.tensor_model_parallel_size == 1:
@@ -275,6 +282,24 @@ def _check_attention_flags(args) -> None:
             raise ValueError(f"--rope-scaling-factor must be > 0, got {args.rope_scaling_factor}")
     elif args.rope_scaling_factor is not None:
         raise ValueError("--rope-scaling-factor needs --use-rope-scaling")
+
+
+def _check_hybrid_flags(args) -> None:
+    """--hybrid-layer-pattern: symbols MoBA serves, --num-layers, pipeline stages, a megatron-core with
+    HybridModel; the MoBA layer flags counted over its attention layers."""
+    from megatron_moba.core import hybrid_pattern
+    from megatron_moba.core.versions import require_hybrid_model
+    pattern = hybrid_pattern.check_pattern(args.hybrid_layer_pattern, args.num_layers,
+                                           args.pipeline_model_parallel_size)
+    attention = hybrid_pattern.layer_counts(args.num_layers, pattern)[0]
+    if args.moba_full_attn_layers > attention:
+        raise ValueError(f"--moba-full-attn-layers ({args.moba_full_attn_layers}) exceeds the attention layers ('*') "
+                         f"of --hybrid-layer-pattern ({attention})")
+    bad = [n for n in args.moba_full_attn_layer_list or [] if not 1 <= n <= attention]
+    if bad:
+        raise ValueError(f"--moba-full-attn-layer-list: layer {bad[0]} is out of range 1..{attention} (counted over "
+                         f"the attention layers ('*') of --hybrid-layer-pattern)")
+    require_hybrid_model()
 
 
 def _check_job_flags(args) -> None:
@@ -396,4 +421,5 @@ def config_from_args(args) -> "MoBATransformerConfig":
         attention=args.attention, moba_chunk_size=args.moba_chunk_size, moba_topk=args.moba_topk,
         moba_backend=args.moba_backend, moba_full_attn_layers=args.moba_full_attn_layers,
         moba_full_attn_layer_list=args.moba_full_attn_layer_list,
+        hybrid_layer_pattern=getattr(args, "hybrid_layer_pattern", None),
     )

@@ -246,7 +246,14 @@ def _model_flags_of_args(saved: dict) -> dict:
             "--disable-bias-linear": bool(saved.get("disable_bias_linear")), "--swiglu": bool(saved.get("swiglu")),
             "--normalization": saved.get("normalization", "LayerNorm"),
             "--untie-embeddings-and-output-weights": bool(saved.get("untie_embeddings_and_output_weights")),
-            "--position-embedding-type": saved.get("position_embedding_type", "rope")}
+            "--position-embedding-type": saved.get("position_embedding_type", "rope"),
+            "--hybrid-layer-pattern": _model_class(saved.get("hybrid_layer_pattern"))}
+
+
+def _model_class(pattern) -> str:
+    """GPTModel, or the HybridModel's layers (pipeline splits left out: a checkpoint loads at any PP)."""
+    from megatron_moba.core.hybrid_pattern import layer_symbols
+    return f"{layer_symbols(pattern)!r} (HybridModel)" if pattern else "none (GPTModel)"
 
 
 def _model_flags_of_model(model) -> dict:
@@ -258,7 +265,8 @@ def _model_flags_of_model(model) -> dict:
             "--disable-bias-linear": not c.add_bias_linear, "--swiglu": bool(c.gated_linear_unit),
             "--normalization": c.normalization,
             "--untie-embeddings-and-output-weights": not getattr(model, "share_embeddings_and_output_weights", True),
-            "--position-embedding-type": getattr(model, "position_embedding_type", "rope")}
+            "--position-embedding-type": getattr(model, "position_embedding_type", "rope"),
+            "--hybrid-layer-pattern": _model_class(getattr(c, "hybrid_layer_pattern", None))}
 
 
 def check_model_flags(path: str, common: dict, model) -> None:
@@ -270,7 +278,8 @@ def check_model_flags(path: str, common: dict, model) -> None:
     if not saved or getattr(model, "config", None) is None:
         return
     was, now = _model_flags_of_args(saved), _model_flags_of_model(model)
-    wrong = [f"{flag}: checkpoint {was[flag]!r}, this run {now[flag]!r}" for flag in was
+    wrong = [f"{flag}: checkpoint {was[flag]!r}, this run {now[flag]!r}" if flag != "--hybrid-layer-pattern"
+             else f"{flag}: checkpoint {was[flag]}, this run {now[flag]}" for flag in was
              if was[flag] is not None and was[flag] != now[flag]]
     rows = saved.get("padded_vocab_size")
     if rows and getattr(model, "vocab_size", rows) != rows:

@@ -2,7 +2,8 @@
 
 Forward FLOPs per token (matmuls only, 2 FLOPs per multiply-add), backward = 2x forward:
   QKV and output projections, the MLP (3 matrices with SwiGLU, 2 without), the logits, and
-  attention: 4 * head_dim * heads * (keys the query attends).
+  attention: 4 * head_dim * heads * (keys the query attends).  A HybridModel (--hybrid-layer-pattern)
+  counts its attention (``*``) and MLP (``-``) layers separately.
 """
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ def flops_per_iteration(args, config) -> float:
     dense = 2 * h * (h + 2 * groups * head_dim) + 2 * h * h + 2 * h * ffn * (3 if args.swiglu else 2)
     moba_keys = mean_attended_keys(s, args.moba_chunk_size, args.moba_topk)
     full_keys = mean_attended_keys(s)
+    from megatron_moba.core.hybrid_pattern import layer_counts
+    attention_layers, mlp_layers = layer_counts(layers, getattr(args, "hybrid_layer_pattern", None))
     attention = sum(4 * head_dim * heads * (moba_keys if config.is_moba_layer(n) else full_keys)
-                    for n in range(1, layers + 1))
-    per_token = layers * dense + attention + 2 * h * vocab
+                    for n in range(1, attention_layers + 1))
+    projections = 2 * h * (h + 2 * groups * head_dim) + 2 * h * h
+    per_token = attention_layers * projections + mlp_layers * (dense - projections) + attention + 2 * h * vocab
     return 3.0 * per_token * args.global_batch_size * s
 
 
