@@ -4,6 +4,7 @@ megatron's own pipeline schedules with the training job's ``forward_step`` and `
 from __future__ import annotations
 
 import os
+import shlex
 import tempfile
 import warnings
 from types import SimpleNamespace
@@ -321,7 +322,7 @@ def hf_family_chain(d, tokens, changes, variants, import_flags=(), train=True):
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         run_import(f"{d}/hf", f"{d}/mg", *import_flags)
-    flags = printed.getvalue().split("--finetune ")[1].splitlines()[0].split()
+    flags = shlex.split(printed.getvalue().split("--finetune ")[1].splitlines()[0])     # as a shell reads it
     out = {"printed": flags, "imported": job_logits(flags, f"{d}/mg", tokens)}
     for name, (drop, add) in variants.items():
         try:

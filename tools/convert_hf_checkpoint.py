@@ -12,7 +12,8 @@ that changes the model is mapped to a flag (printed after the import: model, tok
 --replace-sliding-window (MoBA/full attention replaces the window; the export then writes
 sliding_window null).
 
-Import writes into a new (or empty) directory only.  Export takes the HF config carried from the
+Import writes into a new (or empty) directory only; with --hybrid a HybridModel checkpoint
+(megatron-core 0.19+), which export reads as it reads a GPTModel's.  Export takes the HF config carried from the
 import through every checkpoint trained from it (--load/--finetune); a checkpoint without one (a
 run trained from scratch with the HF model's flags) needs --hf-config.
 
@@ -37,6 +38,9 @@ def main(argv=None):
     window_help = ("import a Mistral/Qwen config whose sliding_window is set, with MoBA/full attention replacing "
                    "the window (a different model past the window: for continued pretraining)")
     imp.add_argument("--replace-sliding-window", action="store_true", help=window_help)
+    imp.add_argument("--hybrid", action="store_true",
+                     help="write a HybridModel checkpoint (megatron-core 0.19+; pattern '*-' per HF layer, printed as "
+                          "--hybrid-layer-pattern) instead of a GPTModel one")
     exp = sub.add_parser("export", help="megatron -> HF")
     exp.add_argument("--load", required=True)
     exp.add_argument("--out", required=True)
@@ -66,7 +70,7 @@ def main(argv=None):
     apply_patches("torch")              # without CUDA: megatron-core's CPU shim
     try:
         if args.direction == "import":
-            convert.run_import(args.hf_dir, args.save, args.replace_sliding_window)
+            convert.run_import(args.hf_dir, args.save, args.replace_sliding_window, args.hybrid)
         else:
             convert.run_export(args.load, args.out, args.hf_config, args.replace_sliding_window)
     except (ValueError, OSError, RuntimeError) as e:

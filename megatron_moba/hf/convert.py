@@ -13,17 +13,23 @@ Layouts that differ:
 * ``linear_fc1.weight``: ``[gate; up]`` (HF: ``gate_proj``, ``up_proj``);
 * Qwen3's per-head ``q_norm``/``k_norm``: megatron's ``q_layernorm``/``k_layernorm`` (``--qk-layernorm``);
 * vocabulary rows padded to a multiple of 128 (kept out of the HF side).
+
+``import --hybrid`` writes the checkpoint of a HybridModel (megatron-core 0.19+) instead: pattern
+``*-`` per HF layer (``--num-layers`` twice the HF layers), weights renamed by
+``megatron_moba.core.hybrid_pattern.gpt_to_hybrid``; export reads either.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+import shlex
 from types import SimpleNamespace
 from typing import Dict, List, Tuple
 
 import torch
 
+from megatron_moba.core import hybrid_pattern
 from megatron_moba.core.model import padded_vocab_size
 from megatron_moba.hf.families import (
     Architecture,
@@ -35,7 +41,7 @@ from megatron_moba.hf.families import (
     with_rope,
 )
 
-__all__ = ["read_hf_config", "megatron_args", "model_flags", "tokenizer_flags", "load_safetensors",
+__all__ = ["read_hf_config", "megatron_args", "model_flags", "tokenizer_flags", "hybrid_flags", "load_safetensors",
            "hf_to_megatron", "megatron_to_hf", "hf_import", "import_to_checkpoint", "export_from_checkpoint",
            "run_import", "run_export", "run_flags"]
 
@@ -194,13 +200,22 @@ def hf_import(hf_dir: str, replace_sliding_window: bool = False) -> Tuple[dict, 
     return cfg, hf_to_megatron(cfg, load_safetensors(hf_dir))
 
 
-def _build(cfg: dict, extra_flags=(), world_size: int = 1):
-    """The megatron model (this process's part) for an HF config, and its parsed flags."""
+def hybrid_flags(flags: List[str], layers: int) -> List[str]:
+    """The model flags of a GPT of ``layers`` layers -> those of its HybridModel (pattern ``*-`` x layers)."""
+    out = list(flags)
+    out[out.index("--num-layers") + 1] = str(2 * layers)
+    return out + ["--hybrid-layer-pattern", hybrid_pattern.gpt_pattern(layers)]
+
+
+def _build(cfg: dict, extra_flags=(), world_size: int = 1, hybrid: bool = False):
+    """The megatron model (this process's part) for an HF config, and its parsed flags; ``hybrid``: the
+    HybridModel of pattern ``*-`` per HF layer instead of a GPT."""
     from megatron_moba.training.arguments import parse_args
     from megatron_moba.training.model import build_model
     a = architecture(cfg)
-    flags = model_flags(cfg) + ["--seq-length", str(a.max_positions), "--train-iters", "1", "--mock-data",
-                                "--vocab-size", str(a.vocab), *extra_flags]
+    flags = hybrid_flags(model_flags(cfg), a.layers) if hybrid else model_flags(cfg)
+    flags += ["--seq-length", str(a.max_positions), "--train-iters", "1", "--mock-data", "--vocab-size", str(a.vocab),
+              *extra_flags]
     args = parse_args(flags, world_size=world_size)
     model = build_model(args, SimpleNamespace(vocab_size=a.vocab))      # the model's rows, not a tokenizer's
     return model, args
@@ -214,14 +229,18 @@ def _check_empty(save_dir: str) -> None:
                               "import into a new or empty directory")
 
 
-def import_to_checkpoint(hf_dir: str, save_dir: str, replace_sliding_window: bool = False) -> list:
+def import_to_checkpoint(hf_dir: str, save_dir: str, replace_sliding_window: bool = False,
+                         hybrid: bool = False) -> list:
     """HF directory -> megatron dist checkpoint (weights only, iteration 0; loads at any TP/PP with
-    ``--load save_dir --finetune``).  Returns the flags to train with (model and tokenizer)."""
+    ``--load save_dir --finetune``), of a GPTModel or (``hybrid``) a HybridModel.  Returns the flags to
+    train with (model and tokenizer)."""
     from megatron_moba.training.checkpointing import save_checkpoint
     _check_empty(save_dir)
     cfg, weights = hf_import(hf_dir, replace_sliding_window)
     tok = tokenizer_flags(hf_dir, cfg)
-    model, args = _build(cfg, tok)
+    model, args = _build(cfg, tok, hybrid=hybrid)
+    if hybrid:
+        weights = hybrid_pattern.gpt_to_hybrid(weights)
     params = dict(model.named_parameters())
     missing, unused = sorted(set(params) - set(weights)), sorted(set(weights) - set(params))
     if missing or unused:
@@ -232,7 +251,7 @@ def import_to_checkpoint(hf_dir: str, save_dir: str, replace_sliding_window: boo
                 raise ValueError(f"{name}: megatron shape {tuple(p.shape)} != converted {tuple(weights[name].shape)}")
             p.copy_(weights[name])
     save_checkpoint(save_dir, 0, model, None, None, 0, args, extra={"hf_config": cfg})
-    return model_flags(cfg) + tok
+    return (hybrid_flags(model_flags(cfg), architecture(cfg).layers) if hybrid else model_flags(cfg)) + tok
 
 
 def _config_for_checkpoint(cfg: dict, saved: dict, path: str, source: str, trained: bool) -> dict:
@@ -242,6 +261,12 @@ def _config_for_checkpoint(cfg: dict, saved: dict, path: str, source: str, train
     if not saved:
         return cfg
     a = architecture(cfg, source)
+    pattern = saved.get("hybrid_layer_pattern")
+    if pattern:
+        if not hybrid_pattern.is_gpt_pattern(pattern):
+            raise ValueError(f"{path} is a HybridModel of --hybrid-layer-pattern {pattern!r}: an HF {a.model_type} "
+                             "checkpoint holds the pattern '*-' repeated (attention, then MLP, per layer) only")
+        saved = dict(saved, num_layers=hybrid_pattern.layer_counts(int(saved["num_layers"]), pattern)[0])
     expect = {"num_layers": a.layers, "hidden_size": a.hidden, "ffn_hidden_size": a.ffn,
               "num_attention_heads": a.heads, "num_query_groups": a.groups, "kv_channels": a.head_dim,
               "untie_embeddings_and_output_weights": not a.tied, "normalization": "RMSNorm", "swiglu": True,
@@ -303,9 +328,12 @@ def export_from_checkpoint(load_dir: str, out_dir: str, hf_config=None, replace_
                          "checkpoint): pass --hf-config with the config.json (or directory) of the HF model it has "
                          "the architecture of")
     cfg = _config_for_checkpoint(cfg, common.get("args") or {}, path, source, trained="scheduler" in common)
-    model, _ = _build(cfg)
+    hybrid = bool((common.get("args") or {}).get("hybrid_layer_pattern"))
+    model, _ = _build(cfg, hybrid=hybrid)
     load_checkpoint(load_dir, model, finetune=True)
     weights = {k: v.detach().cpu() for k, v in model.named_parameters()}
+    if hybrid:
+        weights = hybrid_pattern.hybrid_to_gpt(weights)
     save_hf(cfg, megatron_to_hf(cfg, weights), out_dir)
 
 
@@ -323,15 +351,18 @@ def _note_without_tokenizer(flags: List[str], hf_dir: str) -> str:
             "(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR) to these flags")
 
 
-def run_import(hf_dir: str, save_dir: str, replace_sliding_window: bool = False) -> list:
+def run_import(hf_dir: str, save_dir: str, replace_sliding_window: bool = False, hybrid: bool = False) -> list:
     """What ``tools/convert_hf_checkpoint.py import`` does: ``import_to_checkpoint`` in one process,
-    then print the flags to train with.  Returns them.  Without CUDA the caller applies the CPU shim
-    first (megatron_moba.training.compat.apply_patches)."""
+    then print the flags to train with (shell-quoted).  Returns them.  Without CUDA the caller applies
+    the CPU shim first (megatron_moba.training.compat.apply_patches)."""
     read_hf_config(hf_dir, replace_sliding_window)          # a refused config fails before any setup
+    if hybrid:
+        from megatron_moba.core.versions import require_hybrid_model
+        require_hybrid_model("--hybrid")
     _single_process()
-    flags = import_to_checkpoint(hf_dir, save_dir, replace_sliding_window)
+    flags = import_to_checkpoint(hf_dir, save_dir, replace_sliding_window, hybrid)
     print(f"wrote {save_dir} (iteration 0, weights only). Train with:\n  --load {save_dir} --finetune "
-          + " ".join(flags) + _note_without_tokenizer(flags, hf_dir))
+          + " ".join(shlex.quote(f) for f in flags) + _note_without_tokenizer(flags, hf_dir))
     return flags
 
 

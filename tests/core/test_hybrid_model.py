@@ -4,6 +4,7 @@ schedules), in one process and under TP=2, TP=2 + SP, CP=2 and PP=2; full-attent
 over the attention layers; bad patterns name the flag.  On a megatron-core without HybridModel the model
 tests skip, and the flag fails naming itself."""
 import pytest
+import torch
 
 import megatron_cases as mc
 from megatron_moba.core.versions import hybrid_model_available, installed_version
@@ -48,8 +49,18 @@ def _core_attention_kinds():
     return [type(getattr(layer.self_attention, "core_attention", None)).__name__ for layer in model.decoder.layers]
 
 
+def _rotary(over, **kwargs):
+    from megatron_moba.core.hybrid import build_moba_hybrid
+    from megatron_moba.core.model import build_moba_gpt
+    build = build_moba_hybrid if over.get("hybrid_layer_pattern") else build_moba_gpt
+    model = build(mc.make_config(**over), mc.VOCAB, mc.SEQ, use_te=False, rotary_base=500000, **kwargs)
+    return model.rotary_pos_emb(4096)
+
+
 def _single_process():
-    return dict(_gpt_and_hybrid(GPT), kinds=_core_attention_kinds())
+    scaled = dict(rope_scaling=True, rope_scaling_factor=16.0)       # Llama 3.x RoPE scaling (--use-rope-scaling)
+    rope = dict(gpt=_rotary({}, **scaled), hybrid=_rotary(_hybrid({}), **scaled), unscaled=_rotary(_hybrid({})))
+    return dict(_gpt_and_hybrid(GPT), kinds=_core_attention_kinds(), rope=rope)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +77,12 @@ def test_hybrid_equals_gpt_single_process(single):
 def test_full_attention_layers_are_counted_over_attention_layers(single):
     assert single["kinds"] == ["FullCoreAttention", "NoneType", "NoneType", "MoBACoreAttention", "NoneType",
                                "FullCoreAttention"]
+
+
+@needs_hybrid
+def test_rope_scaling_reaches_the_hybrid_model(single):
+    rope = single["rope"]
+    assert torch.equal(rope["hybrid"], rope["gpt"]) and not torch.equal(rope["unscaled"], rope["gpt"])
 
 
 @needs_hybrid
