@@ -47,11 +47,13 @@ test-fast: $(STAMP)  ## quick tier: kernels, gate, one-process megatron layers, 
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) -m 'not slow' -k '$(FAST_DESELECT)' $(FAST_TESTS)
 
 # make test-mcore-latest: the tests that run megatron-core (models, schedules, DDP/optimizer,
-# dist_checkpointing, datasets) against the newest supported release, 0.19.x, in .venv-mcore-latest
+# dist_checkpointing, datasets, and HybridModel: test_hybrid_*.py, which skip on 0.16.1) against the newest
+# supported release, 0.19.x, in .venv-mcore-latest
 # (built/reused by .ci/mcore_latest_venv.sh: the cp312 wheel's Python code, helpers_cpp rebuilt for 3.11).
 MCORE_TESTS := tests/training/test_compat.py tests/core/test_megatron_gpt.py tests/training/test_megatron_optimizer.py tests/training/test_training.py \
     tests/hf/test_hf_convert.py tests/hf/test_hf_families.py tests/eval/test_positional_loss.py tests/eval/test_needle.py tests/eval/test_block_selection.py \
-    tests/training/test_preprocess.py tests/training/test_data_checks.py tests/training/test_checkpoint_safety.py tests/training/test_job_ux.py
+    tests/training/test_preprocess.py tests/training/test_data_checks.py tests/training/test_checkpoint_safety.py tests/training/test_job_ux.py \
+    tests/core/test_hybrid_model.py tests/training/test_hybrid_job.py
 test-mcore-latest:  ## the megatron tests against megatron-core 0.19.x (own venv: .venv-mcore-latest)
 	PYTHON=$(PYTHON) bash .ci/mcore_latest_venv.sh
 	.venv-mcore-latest/bin/python -m pytest -q $(PYTEST_ARGS) $(MCORE_TESTS)

@@ -11,14 +11,17 @@ subpackages (one dependency direction: core <- training <- eval; hf uses core an
 
 
     from megatron_moba import MoBATransformerConfig, build_moba_gpt, get_moba_decoder_block_spec
+    from megatron_moba import build_moba_hybrid, get_moba_hybrid_stack_spec    # HybridModel (megatron-core 0.19+)
 """
 from importlib import import_module
 
 # Exports load on first use (PEP 562): importing a light submodule (the job's arguments, for
 # `--help`) does not import torch and megatron-core.
 _EXPORTS = {"MoBATransformerConfig": ".core.config", "build_moba_gpt": ".core.model",
-            "get_moba_decoder_block_spec": ".core.specs", "get_moba_layer_specs": ".core.specs"}
-__all__ = ["MoBATransformerConfig", "build_moba_gpt", "get_moba_decoder_block_spec", "get_moba_layer_specs"]
+            "get_moba_decoder_block_spec": ".core.specs", "get_moba_layer_specs": ".core.specs",
+            "build_moba_hybrid": ".core.hybrid", "get_moba_hybrid_stack_spec": ".core.hybrid"}
+__all__ = ["MoBATransformerConfig", "build_moba_gpt", "get_moba_decoder_block_spec", "get_moba_layer_specs",
+           "build_moba_hybrid", "get_moba_hybrid_stack_spec"]
 
 
 def __getattr__(name):

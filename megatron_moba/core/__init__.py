@@ -1,5 +1,7 @@
 """The megatron-core layer: ``MoBATransformerConfig`` (config), the layer specs that put MoBA in the
-``core_attention`` slot (specs), the core attention modules (attention), the GPT builder (model),
+``core_attention`` slot (specs), the core attention modules (attention), the GPT builder (model), the
+HybridModel stack spec and builder (hybrid; megatron-core 0.19+) with its layer patterns and the GPT <->
+HybridModel weight names (hybrid_pattern),
 sbhd/thd <-> varlen conversions (layouts), context-parallel gathering (context_parallel) and the
 supported megatron-core releases (versions).
 

@@ -51,6 +51,10 @@ class MoBATransformerConfig(TransformerConfig):
 
     def __post_init__(self):
         _check_flags(self)
+        if self.hybrid_layer_pattern and hasattr(self, "is_hybrid_model"):
+            # megatron's flag for HybridModels (Megatron-LM sets it): output projections initialized with
+            # std / sqrt(--num-layers), which counts both halves of each GPT layer, as a GPT's std / sqrt(2 L)
+            self.is_hybrid_model = True
         super().__post_init__()
 
     def attention_layer_count(self) -> int:

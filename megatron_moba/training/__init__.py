@@ -2,7 +2,8 @@
 the GPT for the flags (model), process groups and gradient reduction (parallel), optimizers
 (optimizer), dist_checkpointing (checkpointing), GPTDataset batches (data), tokenizers, FLOP
 accounting (flops), corpus preprocessing (preprocess), logging (logs), the training-throughput
-benchmark (bench) and every patch of megatron-core's internals (compat).
+benchmark (bench), GPT -> HybridModel checkpoints (convert_hybrid) and every patch of megatron-core's
+internals (compat).
 
 Imports ``megatron_moba.core``; nothing from ``megatron_moba.eval`` or ``megatron_moba.hf``.
 """

@@ -257,7 +257,9 @@ class Trainer:
         _log(f"world size {dist.get_world_size()}: tensor parallel {a.tensor_model_parallel_size}, pipeline parallel "
              f"{a.pipeline_model_parallel_size}, context parallel {a.context_parallel_size}, data parallel "
              f"{a.data_parallel_size} | device {dev}\n"
-             f"model: {params:,} parameters, {a.num_layers} layers, attention {a.attention}, {precision}, "
+             f"model: {params:,} parameters, {a.num_layers} layers"
+             + (f" (HybridModel {a.hybrid_layer_pattern!r})" if getattr(a, "hybrid_layer_pattern", None) else "")
+             + f", attention {a.attention}, {precision}, "
              f"optimizer {a.optimizer_impl}"
              + (f", recompute {a.recompute_granularity}" if getattr(a, "recompute_granularity", None) else "") + "\n"
              f"tokens per step: {a.global_batch_size * a.seq_length:,} (global batch {a.global_batch_size} x "

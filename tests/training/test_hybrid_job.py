@@ -1,6 +1,7 @@
-"""The job with --hybrid-layer-pattern (megatron-core's HybridModel, 0.19+) on CPU: a GPT checkpoint
-converted to the HybridModel of pattern '*-' x L trains the GPT's losses, resumes exactly, and the GPT
-checkpoint itself is refused by a HybridModel run naming the flag; the
+"""The job with --hybrid-layer-pattern (megatron-core's HybridModel, 0.19+) on CPU: the GPT's flags with
+'*-' x L train the GPT's losses from scratch and resume exactly; a GPT checkpoint is refused by a
+HybridModel run naming the flag, and tools/convert_gpt_to_hybrid.py's conversion of it holds the weights
+the HybridModel trained; the
 evaluation tools (positional loss, needle, block selection) give a hybrid checkpoint the GPT's results;
 HF import --hybrid and export (exact round trip, transformers' logits after --finetune steps); bad
 patterns are refused naming the flag (also where megatron-core has no HybridModel)."""
@@ -59,15 +60,16 @@ def _train_and_evaluate(d):
     rng = np.random.default_rng(0)
     build_indexed_dataset((" ".join(map(str, rng.integers(0, 200, n))) for n in (80, 40, 70)), f"{d}/docs",
                           "NullTokenizer", vocab_size=200, progress=False)
+    from megatron_moba.eval.checkpoint import load_for_eval
     from megatron_moba.training.convert_hybrid import gpt_checkpoint_to_hybrid
-    mc.run_pretrain(GPT + ["--save", f"{d}/start", "--exit-interval", "1"])       # a GPT checkpoint ...
-    out = {"converted": gpt_checkpoint_to_hybrid(f"{d}/start", f"{d}/start_hy")}   # ... as a HybridModel's
-    start, start_hy = ["--load", f"{d}/start", "--finetune"], ["--load", f"{d}/start_hy", "--finetune"]
-    out["gpt"] = mc.run_pretrain(GPT + start + ["--save", f"{d}/gpt"])
-    out["hybrid"] = mc.run_pretrain(HYBRID + start_hy + ["--save", f"{d}/hy"])
-    out["first"] = mc.run_pretrain(HYBRID + start_hy + ["--save", f"{d}/resumed", "--exit-interval", "3"])
+    out = {"gpt": mc.run_pretrain(GPT + ["--save", f"{d}/gpt"])}
+    out["hybrid"] = mc.run_pretrain(HYBRID + ["--save", f"{d}/hy"])
+    out["first"] = mc.run_pretrain(HYBRID + ["--save", f"{d}/resumed", "--exit-interval", "3"])
     out["second"] = mc.run_pretrain(HYBRID + ["--load", f"{d}/resumed", "--save", f"{d}/resumed"])
-    out["wrong_class"] = mc.run_pretrain_error(HYBRID + start, "ValueError")
+    out["wrong_class"] = mc.run_pretrain_error(HYBRID + ["--load", f"{d}/gpt", "--finetune"], "ValueError")
+    out["converted"] = gpt_checkpoint_to_hybrid(f"{d}/gpt", f"{d}/converted")
+    converted, trained = (load_for_eval(f"{d}/{c}")[0].state_dict() for c in ("converted", "hy"))
+    out["converted_weights"] = {k: (converted[k], trained[k]) for k in trained if not k.endswith("_extra_state")}
     with contextlib.redirect_stdout(io.StringIO()):
         out["positional"] = positional_loss.run([f"{d}/gpt", f"{d}/hy"], f"{d}/docs", bucket_width=16,
                                                 trailing_tokens=8, progress=False)
@@ -89,11 +91,18 @@ def runs(tmp_path_factory):
 
 @needs_hybrid
 def test_hybrid_trains_the_gpt_losses_and_resumes_exactly(runs):
-    assert runs["converted"] == ["--num-layers", "4", "--hybrid-layer-pattern", "*-*-"]
     assert len(runs["hybrid"]) == 6
-    for a, b in zip(runs["hybrid"], runs["gpt"]):            # same weights, same data, same math
+    for a, b in zip(runs["hybrid"], runs["gpt"]):    # from scratch: the same initialization, data and math
         assert abs(a - b) / b < 1e-5, (runs["hybrid"], runs["gpt"])
     assert runs["first"] + runs["second"] == runs["hybrid"]  # bit-identical on CPU
+
+
+@needs_hybrid
+def test_gpt_checkpoint_converts_to_the_hybrid_one(runs):
+    assert runs["converted"] == ["--num-layers", "4", "--hybrid-layer-pattern", "*-*-"]
+    assert len(runs["converted_weights"]) == 15
+    for name, (converted, trained) in runs["converted_weights"].items():
+        assert torch.allclose(converted, trained, rtol=1e-5, atol=1e-7), name
 
 
 @needs_hybrid
