@@ -66,6 +66,10 @@ def _train_and_evaluate(d):
     out["hybrid"] = mc.run_pretrain(HYBRID + ["--save", f"{d}/hy"])
     out["first"] = mc.run_pretrain(HYBRID + ["--save", f"{d}/resumed", "--exit-interval", "3"])
     out["second"] = mc.run_pretrain(HYBRID + ["--load", f"{d}/resumed", "--save", f"{d}/resumed"])
+    for name, extra in (("recompute", ["--recompute-granularity", "full"]),
+                        ("megatron", ["--optimizer-impl", "megatron"]), ("documents", ["--document-attention"])):
+        out[name] = mc.run_pretrain(HYBRID + extra)
+    out["gpt_documents"] = mc.run_pretrain(GPT + ["--document-attention"])
     out["wrong_class"] = mc.run_pretrain_error(HYBRID + ["--load", f"{d}/gpt", "--finetune"], "ValueError")
     out["converted"] = gpt_checkpoint_to_hybrid(f"{d}/gpt", f"{d}/converted")
     converted, trained = (load_for_eval(f"{d}/{c}")[0].state_dict() for c in ("converted", "hy"))
@@ -95,6 +99,14 @@ def test_hybrid_trains_the_gpt_losses_and_resumes_exactly(runs):
     for a, b in zip(runs["hybrid"], runs["gpt"]):    # from scratch: the same initialization, data and math
         assert abs(a - b) / b < 1e-5, (runs["hybrid"], runs["gpt"])
     assert runs["first"] + runs["second"] == runs["hybrid"]  # bit-identical on CPU
+
+
+@needs_hybrid
+def test_hybrid_under_recompute_megatron_optimizer_and_packed_documents(runs):
+    for name, ref in (("recompute", "hybrid"), ("megatron", "hybrid"), ("documents", "gpt_documents")):
+        for a, b in zip(runs[name], runs[ref]):
+            assert abs(a - b) / b < 1e-5, (name, runs[name], runs[ref])
+    assert abs(runs["documents"][-1] - runs["hybrid"][-1]) > 1e-4        # documents attend within themselves
 
 
 @needs_hybrid
