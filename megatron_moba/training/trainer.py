@@ -266,6 +266,12 @@ class Trainer:
              f"sequence length {a.seq_length}; {a.num_microbatches} micro-batches of {a.micro_batch_size} per "
              f"data-parallel rank) | iterations {self.iteration} -> {a.train_iters}\n"
              f"start: {start}")
+        if not getattr(a, "hybrid_layer_pattern", None):
+            from megatron_moba.core.versions import hybrid_model_available
+            if hybrid_model_available():            # megatron-core 0.19+ logs "GPTModel IS DEPRECATED" above
+                from megatron_moba.core.hybrid_pattern import gpt_pattern
+                _log(f"note: a GPTModel (the job's default); the same model as megatron-core's HybridModel: "
+                     f"--num-layers {2 * a.num_layers} --hybrid-layer-pattern '{gpt_pattern(a.num_layers)}'")
 
     def _loss_scale_can_drop(self, m: dict) -> bool:
         """An fp16 step skipped because dynamic loss scaling found an overflow (the scale goes down)."""
