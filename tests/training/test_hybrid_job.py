@@ -62,7 +62,7 @@ def _train_and_evaluate(d):
                           "NullTokenizer", vocab_size=200, progress=False)
     from megatron_moba.eval.checkpoint import load_for_eval
     from megatron_moba.training.convert_hybrid import gpt_checkpoint_to_hybrid
-    out = {"gpt": mc.run_pretrain(GPT + ["--save", f"{d}/gpt"])}
+    out = {"dir": d, "gpt": mc.run_pretrain(GPT + ["--save", f"{d}/gpt"])}
     out["hybrid"] = mc.run_pretrain(HYBRID + ["--save", f"{d}/hy"])
     out["first"] = mc.run_pretrain(HYBRID + ["--save", f"{d}/resumed", "--exit-interval", "3"])
     out["second"] = mc.run_pretrain(HYBRID + ["--load", f"{d}/resumed", "--save", f"{d}/resumed"])
@@ -99,6 +99,17 @@ def test_hybrid_trains_the_gpt_losses_and_resumes_exactly(runs):
     for a, b in zip(runs["hybrid"], runs["gpt"]):    # from scratch: the same initialization, data and math
         assert abs(a - b) / b < 1e-5, (runs["hybrid"], runs["gpt"])
     assert runs["first"] + runs["second"] == runs["hybrid"]  # bit-identical on CPU
+
+
+@needs_hybrid
+def test_hybrid_checkpoint_resumes_at_tp2_pp2(runs):
+    """Saved in one process ('*-*-'), resumed at TP=2 + SP and PP=2 ('*-|*-'): the single-process losses."""
+    argv = mc.edit_flags(HYBRID, add=[["--hybrid-layer-pattern", "*-|*-"], ["--tensor-model-parallel-size", "2"],
+                                      ["--pipeline-model-parallel-size", "2"], "--sequence-parallel"])
+    for losses in _run(argv + ["--load", f"{runs['dir']}/resumed", "--ckpt-step", "3"], tp=2, pp=2):
+        assert len(losses) == 3
+        for a, b in zip(losses, runs["second"]):
+            assert abs(a - b) / b < 1e-4, (losses, runs["second"])
 
 
 @needs_hybrid
