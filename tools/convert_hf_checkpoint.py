@@ -51,6 +51,7 @@ def main(argv=None):
     fl = sub.add_parser("flags", help="print the pretraining flags of an HF model (config.json, tokenizer)")
     fl.add_argument("--hf-dir", required=True)
     fl.add_argument("--replace-sliding-window", action="store_true", help=window_help)
+    fl.add_argument("--hybrid", action="store_true", help="the flags of the HybridModel ('*-' per HF layer)")
     args = p.parse_args(argv)
     if args.direction == "import" and os.path.isdir(args.save) and os.listdir(args.save):
         p.error(f"--save {args.save} is not empty: import into a new or empty directory (importing there would "
@@ -58,7 +59,7 @@ def main(argv=None):
     if args.direction == "flags":       # config.json and the tokenizer only: no megatron-core
         from megatron_moba.hf import families
         try:
-            families.run_flags(args.hf_dir, args.replace_sliding_window)
+            families.run_flags(args.hf_dir, args.replace_sliding_window, args.hybrid)
         except (ValueError, OSError) as e:
             print(f"error: {e}", file=sys.stderr)
             return 1

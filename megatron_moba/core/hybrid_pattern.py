@@ -98,6 +98,16 @@ def is_gpt_pattern(pattern: Optional[str]) -> bool:
         len(s) % 2 == 0 for s in pattern.split(PIPE))
 
 
+def hybrid_flags(gpt_flags: List[str]) -> List[str]:
+    """A GPT's command-line flags (with ``--num-layers L``) -> its HybridModel's: ``--num-layers 2L
+    --hybrid-layer-pattern '*-' x L``."""
+    out = list(gpt_flags)
+    i = out.index("--num-layers") + 1
+    layers = int(out[i])
+    out[i] = str(2 * layers)
+    return out + ["--hybrid-layer-pattern", gpt_pattern(layers)]
+
+
 def gpt_to_hybrid_name(name: str) -> str:
     """A GPT parameter (or state-dict entry) name -> the HybridModel's (pattern ``*-`` x L)."""
     if name.startswith(GPT_FINAL_NORM):

@@ -41,7 +41,7 @@ from megatron_moba.hf.families import (
     with_rope,
 )
 
-__all__ = ["read_hf_config", "megatron_args", "model_flags", "tokenizer_flags", "hybrid_flags", "load_safetensors",
+__all__ = ["read_hf_config", "megatron_args", "model_flags", "tokenizer_flags", "load_safetensors",
            "hf_to_megatron", "megatron_to_hf", "hf_import", "import_to_checkpoint", "export_from_checkpoint",
            "run_import", "run_export", "run_flags"]
 
@@ -200,20 +200,13 @@ def hf_import(hf_dir: str, replace_sliding_window: bool = False) -> Tuple[dict, 
     return cfg, hf_to_megatron(cfg, load_safetensors(hf_dir))
 
 
-def hybrid_flags(flags: List[str], layers: int) -> List[str]:
-    """The model flags of a GPT of ``layers`` layers -> those of its HybridModel (pattern ``*-`` x layers)."""
-    out = list(flags)
-    out[out.index("--num-layers") + 1] = str(2 * layers)
-    return out + ["--hybrid-layer-pattern", hybrid_pattern.gpt_pattern(layers)]
-
-
 def _build(cfg: dict, extra_flags=(), world_size: int = 1, hybrid: bool = False):
     """The megatron model (this process's part) for an HF config, and its parsed flags; ``hybrid``: the
     HybridModel of pattern ``*-`` per HF layer instead of a GPT."""
     from megatron_moba.training.arguments import parse_args
     from megatron_moba.training.model import build_model
     a = architecture(cfg)
-    flags = hybrid_flags(model_flags(cfg), a.layers) if hybrid else model_flags(cfg)
+    flags = model_flags(cfg, hybrid)
     flags += ["--seq-length", str(a.max_positions), "--train-iters", "1", "--mock-data", "--vocab-size", str(a.vocab),
               *extra_flags]
     args = parse_args(flags, world_size=world_size)
@@ -251,7 +244,7 @@ def import_to_checkpoint(hf_dir: str, save_dir: str, replace_sliding_window: boo
                 raise ValueError(f"{name}: megatron shape {tuple(p.shape)} != converted {tuple(weights[name].shape)}")
             p.copy_(weights[name])
     save_checkpoint(save_dir, 0, model, None, None, 0, args, extra={"hf_config": cfg})
-    return (hybrid_flags(model_flags(cfg), architecture(cfg).layers) if hybrid else model_flags(cfg)) + tok
+    return model_flags(cfg, hybrid) + tok
 
 
 def _config_for_checkpoint(cfg: dict, saved: dict, path: str, source: str, trained: bool) -> dict:

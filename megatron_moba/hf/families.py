@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass
 from typing import List, Optional
 
+from megatron_moba.core import hybrid_pattern
+
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                  "qwen3": "Qwen3ForCausalLM"}
 
@@ -243,8 +245,9 @@ def read_hf_config(hf_dir: str, replace_sliding_window: bool = False) -> dict:
     return cfg
 
 
-def model_flags(cfg: dict) -> List[str]:
-    """The pretraining job's model flags (Megatron-LM's names) that rebuild this HF model."""
+def model_flags(cfg: dict, hybrid: bool = False) -> List[str]:
+    """The pretraining job's model flags (Megatron-LM's names) that rebuild this HF model (``hybrid``: as a
+    HybridModel, ``--num-layers 2L --hybrid-layer-pattern '*-' x L``)."""
     a = architecture(cfg)
     args = ["--num-layers", a.layers, "--hidden-size", a.hidden, "--ffn-hidden-size", a.ffn,
             "--num-attention-heads", a.heads, "--num-query-groups", a.groups]
@@ -261,7 +264,8 @@ def model_flags(cfg: dict) -> List[str]:
     args += ["--max-position-embeddings", a.max_positions]
     if not a.tied:
         args.append("--untie-embeddings-and-output-weights")
-    return [str(x) for x in args]
+    args = [str(x) for x in args]
+    return hybrid_pattern.hybrid_flags(args) if hybrid else args
 
 
 def with_rope(cfg: dict, theta: float, factor: Optional[float]) -> dict:
@@ -309,10 +313,11 @@ def tokenizer_flags(hf_dir: str, cfg: dict) -> List[str]:
     return ["--tokenizer-type", kind, "--tokenizer-model", model, "--vocab-size", str(vocab)]
 
 
-def run_flags(hf_dir: str, replace_sliding_window: bool = False) -> list:
+def run_flags(hf_dir: str, replace_sliding_window: bool = False, hybrid: bool = False) -> list:
     """What ``tools/convert_hf_checkpoint.py flags`` does: print the model and tokenizer flags of an
-    HF directory (its config checked as the import checks it; weights not read)."""
+    HF directory (its config checked as the import checks it; weights not read), space-separated for
+    scripts that split them (examples/continued_pretraining_long_context.sh)."""
     cfg = read_hf_config(hf_dir, replace_sliding_window)
-    flags = model_flags(cfg) + tokenizer_flags(hf_dir, cfg)
+    flags = model_flags(cfg, hybrid) + tokenizer_flags(hf_dir, cfg)
     print(" ".join(flags))
     return flags

@@ -178,10 +178,12 @@ def hf_chain(tmp_path_factory):
 
 @needs_hybrid
 def test_hf_import_as_hybrid_gives_transformers_logits(hf_chain):
-    _, _, expected, res, _ = hf_chain
+    d, _, expected, res, _ = hf_chain
     flags = res["printed"]
     assert flags[flags.index("--num-layers") + 1] == "4" and flags[flags.index("--hybrid-layer-pattern") + 1] == "*-*-"
     assert (res["imported"][..., :200] - expected).abs().max().item() < 1e-4
+    from megatron_moba.hf.families import model_flags, read_hf_config
+    assert model_flags(read_hf_config(str(d / "hf")), hybrid=True) == flags[:flags.index("--tokenizer-type")]
 
 
 @needs_hybrid
