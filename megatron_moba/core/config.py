@@ -1,7 +1,8 @@
 """MoBA settings carried on megatron-core's ``TransformerConfig``.
 
 Errors name the command-line flag a Megatron user sets (``--moba-topk`` ...), so a bad
-configuration fails at model build with a message that says what to change.
+configuration fails at model build with a message that says what to change (a
+``ConfigurationError``, a ``ValueError``: the job prints it without a traceback).
 """
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from megatron_moba.core import hybrid_pattern
+from megatron_moba.core.errors import ConfigurationError
 from megatron_moba.core.versions import megatron_core_version
 
 megatron_core_version()     # an unsupported megatron-core fails here, naming the supported releases
@@ -84,10 +86,10 @@ class MoBATransformerConfig(TransformerConfig):
 def _check_flags(c: MoBATransformerConfig) -> None:
     def need_int(value, flag, minimum):
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise ValueError(f"{flag} must be an integer >= {minimum}, got {value!r}")
+            raise ConfigurationError(f"{flag} must be an integer >= {minimum}, got {value!r}")
 
     if c.attention not in ATTENTION_CHOICES:
-        raise ValueError(f"--attention must be one of {ATTENTION_CHOICES}, got {c.attention!r}")
+        raise ConfigurationError(f"--attention must be one of {ATTENTION_CHOICES}, got {c.attention!r}")
     need_int(c.moba_chunk_size, "--moba-chunk-size", 1)
     need_int(c.moba_topk, "--moba-topk", 1)
     need_int(c.moba_full_attn_layers, "--moba-full-attn-layers", 0)
@@ -97,34 +99,35 @@ def _check_flags(c: MoBATransformerConfig) -> None:
     which = (f"the attention layers ('*') of --hybrid-layer-pattern ({layers})" if c.hybrid_layer_pattern
              else f"--num-layers ({layers})")
     if c.moba_full_attn_layers > layers:
-        raise ValueError(f"--moba-full-attn-layers ({c.moba_full_attn_layers}) exceeds {which}")
+        raise ConfigurationError(f"--moba-full-attn-layers ({c.moba_full_attn_layers}) exceeds {which}")
     for n in c.moba_full_attn_layer_list or []:
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= layers:
-            raise ValueError(f"--moba-full-attn-layer-list: layer {n!r} is out of range 1..{layers} "
-                             "(layer numbers are 1-based" + (", counted over the attention layers ('*')"
-                                                             if c.hybrid_layer_pattern else "") + ")")
+            raise ConfigurationError(f"--moba-full-attn-layer-list: layer {n!r} is out of range 1..{layers} "
+                                     "(layer numbers are 1-based" + (", counted over the attention layers ('*')"
+                                                                     if c.hybrid_layer_pattern else "") + ")")
     if c.moba_backend is not None:
         from moba_kernels import backend_names
         if c.moba_backend not in backend_names():
-            raise ValueError(f"--moba-backend {c.moba_backend!r} is unknown; choose one of {sorted(backend_names())}")
+            raise ConfigurationError(f"--moba-backend {c.moba_backend!r} is unknown; choose one of "
+                                     f"{sorted(backend_names())}")
     tp, cp = c.tensor_model_parallel_size, c.context_parallel_size
     if c.num_attention_heads % tp:
-        raise ValueError(f"--num-attention-heads ({c.num_attention_heads}) must be divisible by "
-                         f"--tensor-model-parallel-size ({tp})")
+        raise ConfigurationError(f"--num-attention-heads ({c.num_attention_heads}) must be divisible by "
+                                 f"--tensor-model-parallel-size ({tp})")
     groups = c.num_query_groups or c.num_attention_heads
     if c.num_attention_heads % groups:
-        raise ValueError(f"--num-attention-heads ({c.num_attention_heads}) must be a multiple of "
-                         f"--num-query-groups ({groups})")
+        raise ConfigurationError(f"--num-attention-heads ({c.num_attention_heads}) must be a multiple of "
+                                 f"--num-query-groups ({groups})")
     if groups % tp and tp % groups:
-        raise ValueError(f"--num-query-groups ({groups}) must be a multiple or divisor of "
-                         f"--tensor-model-parallel-size ({tp})")
+        raise ConfigurationError(f"--num-query-groups ({groups}) must be a multiple or divisor of "
+                                 f"--tensor-model-parallel-size ({tp})")
     if cp < 1:
-        raise ValueError(f"--context-parallel-size must be >= 1, got {cp}")
+        raise ConfigurationError(f"--context-parallel-size must be >= 1, got {cp}")
 
 
 def check_seq_length(config: MoBATransformerConfig, seq_length: int) -> None:
     """Checks that need the training sequence length (called when the model is built)."""
     cp = config.context_parallel_size
     if cp > 1 and seq_length % (2 * cp):
-        raise ValueError(f"--seq-length ({seq_length}) must be divisible by 2 x --context-parallel-size "
-                         f"({2 * cp}) for the load-balanced context-parallel layout")
+        raise ConfigurationError(f"--seq-length ({seq_length}) must be divisible by 2 x --context-parallel-size "
+                                 f"({2 * cp}) for the load-balanced context-parallel layout")

@@ -21,6 +21,8 @@ import re
 import warnings
 from typing import Optional, Tuple
 
+from megatron_moba.core.errors import ConfigurationError
+
 OLDEST = (0, 16, 1)          # the oldest supported release
 NEWEST_MINOR = (0, 19)       # the newest supported release line: every 0.19.x
 REQUIREMENT = "megatron-core>=0.16.1,<0.20"      # as in setup.py (tests/training/test_compat.py compares)
@@ -30,8 +32,9 @@ ALLOW_ENV = "MEGATRON_MOBA_ALLOW_UNSUPPORTED_MCORE"
 Version = Tuple[int, int, int]
 
 
-class UnsupportedMegatronCoreError(ImportError):
-    """The installed megatron-core is outside ``SUPPORTED_RANGE``."""
+class UnsupportedMegatronCoreError(ConfigurationError, ImportError):
+    """The installed megatron-core is outside ``SUPPORTED_RANGE`` (an ``ImportError``, and a
+    ``ConfigurationError``: the job prints it without a traceback)."""
 
 
 def installed_version() -> str:

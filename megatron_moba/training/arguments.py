@@ -6,19 +6,68 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING, List, Optional
+import signal
+import sys
+import threading
+import time
+from typing import TYPE_CHECKING, List, NoReturn, Optional
 
 # no torch/megatron imports at module level: `--help` answers before any heavy import
 if TYPE_CHECKING:
     from megatron_moba.core.config import MoBATransformerConfig
 
+PROG = "moba-pretrain"
+# a rank other than 0 that fails on a user error waits this long before exiting: see exit_with_error
+OTHER_RANKS_WAIT_S = 2.0
+
+
+def process_rank() -> int:
+    """This process's global rank: torch.distributed's once initialized, else torchrun's ``RANK``
+    (0 without one).  Imports nothing."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def exit_with_error(message: str, prog: str = PROG) -> NoReturn:
+    """End the job on an error in what the user asked for, as argparse does: ``<prog>: error: <message>``
+    on stderr, exit status 2, no traceback.
+
+    Under torchrun every rank runs the same checks and fails the same way, so only rank 0 prints.  The
+    other ranks wait ``OTHER_RANKS_WAIT_S`` before exiting: torchrun stops the whole job (SIGTERM) once
+    the first rank exits, and that must not happen before rank 0's message is out.  A SIGTERM in that
+    wait exits with status 2 too."""
+    sys.stdout.flush()
+    if process_rank() == 0:
+        sys.stderr.write(f"{prog}: error: {message}\n")
+        sys.stderr.flush()
+    else:
+        sys.stderr.flush()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(2))
+        time.sleep(OTHER_RANKS_WAIT_S)
+    raise SystemExit(2)
+
+
+class JobArgumentParser(argparse.ArgumentParser):
+    """argparse, with its errors (usage and ``<prog>: error: <message>``, exit status 2) printed by
+    rank 0 only (``exit_with_error``): under torchrun every rank parses the same flags."""
+
+    def error(self, message: str) -> NoReturn:
+        if process_rank() == 0:
+            self.print_usage(sys.stderr)
+        exit_with_error(message, self.prog)
+
 
 def build_parser(require_model_flags: bool = True) -> argparse.ArgumentParser:
     """The job's flags (Megatron-LM's names); ``require_model_flags=False`` makes none required."""
     required = require_model_flags
-    p = argparse.ArgumentParser(prog="moba-pretrain",
-                                description="Pretrain a GPT with MoBA attention on megatron-core.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = JobArgumentParser(prog=PROG, description="Pretrain a GPT with MoBA attention on megatron-core.",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, required=required)
     g.add_argument("--hidden-size", type=int, required=required)

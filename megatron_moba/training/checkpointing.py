@@ -27,10 +27,20 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 
+from megatron_moba.core.errors import ConfigurationError
+
 LATEST = "latest_checkpointed_iteration.txt"
 # carried from the loaded checkpoint into every checkpoint a run saves (--load, --finetune included)
 CARRIED = ("hf_config",)
 _ITER_DIR = re.compile(r"^iter_(\d{7})$")
+
+
+class CheckpointDirectoryError(ConfigurationError, FileExistsError):
+    """``--save`` holds checkpoints that this run would overwrite without resuming them."""
+
+
+class CheckpointNotFoundError(ConfigurationError, FileNotFoundError):
+    """``--load`` (or ``--ckpt-step``) names no checkpoint."""
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -55,13 +65,13 @@ def read_latest(root: str) -> int:
     if not os.path.isfile(path):
         found = saved_iterations(root)
         if found:
-            raise FileNotFoundError(f"no checkpoint to load: {path} does not exist (--load {root}), but {root} "
-                                    f"holds checkpoints (newest {checkpoint_dir(root, found[-1])}): "
-                                    + _resume_hint(root, found[-1]))
-        raise FileNotFoundError(f"no checkpoint to load: {path} does not exist (--load {root})")
+            raise CheckpointNotFoundError(
+                f"no checkpoint to load: {path} does not exist (--load {root}), but {root} holds checkpoints "
+                f"(newest {checkpoint_dir(root, found[-1])}): " + _resume_hint(root, found[-1]))
+        raise CheckpointNotFoundError(f"no checkpoint to load: {path} does not exist (--load {root})")
     text = open(path).read().strip()
     if not text.isdigit():
-        raise ValueError(f"{path} is corrupted: expected an iteration number, found {text[:40]!r}")
+        raise ConfigurationError(f"{path} is corrupted: expected an iteration number, found {text[:40]!r}")
     return int(text)
 
 
@@ -80,7 +90,7 @@ def check_save_dir(save: Optional[str], load: Optional[str] = None, finetune: bo
     newest = checkpoint_dir(save, found[-1])
     if same and not finetune:
         if not has_latest and ckpt_step is None:
-            raise FileNotFoundError(
+            raise CheckpointNotFoundError(
                 f"--load/--save {save}: {os.path.join(save, LATEST)} is missing, but {save} holds checkpoints "
                 f"(newest {newest}); refusing to start from scratch over them: {_resume_hint(save, found[-1])}; "
                 "or --save to an empty directory to start a new run")
@@ -88,16 +98,16 @@ def check_save_dir(save: Optional[str], load: Optional[str] = None, finetune: bo
     if same and finetune:
         if found[-1] == 0:                         # e.g. an HF import: the run saves iterations >= 1 next to it
             return False
-        raise FileExistsError(
+        raise CheckpointDirectoryError(
             f"--load {load} --finetune restarts at iteration 0 and would overwrite the checkpoints in --save {save} "
             f"(newest {newest}): to resume that run drop --finetune; to fine-tune from it, --save to an empty "
             "directory")
     if load:
-        raise FileExistsError(
+        raise CheckpointDirectoryError(
             f"--save {save} already holds checkpoints (newest {newest}) of another run than --load {load}: "
             f"saving there would overwrite them; --save to an empty directory (or resume {save} with "
             f"--load {save}" + (" without --finetune)" if finetune else ")"))
-    raise FileExistsError(
+    raise CheckpointDirectoryError(
         f"--save {save} already holds checkpoints (newest {newest}) and no --load was given: this run would start "
         f"from scratch and overwrite them; resume them with --load {save}, or --save to an empty directory")
 
@@ -185,9 +195,10 @@ def _check_optimizer_layout(path: str, common: dict) -> None:
     for key, size in now.items():
         if saved.get(key, size) != size:
             flag = "--" + key.replace("_", "-")
-            raise ValueError(f"{path} holds the distributed optimizer's state per data-parallel shard, saved at "
-                             f"{flag} {saved[key]}: resume at {flag} {saved[key]}, or load the weights only with "
-                             "--no-load-optim; save with --dist-ckpt-optim-fully-reshardable to change TP/PP")
+            raise ConfigurationError(
+                f"{path} holds the distributed optimizer's state per data-parallel shard, saved at {flag} "
+                f"{saved[key]}: resume at {flag} {saved[key]}, or load the weights only with --no-load-optim; save "
+                "with --dist-ckpt-optim-fully-reshardable to change TP/PP")
 
 
 def _damaged_files(path: str) -> List[str]:
@@ -287,8 +298,8 @@ def check_model_flags(path: str, common: dict, model) -> None:
                      f"{model.vocab_size}" + (f"; it was saved with --vocab-size {saved['vocab_size']}"
                                                if saved.get("vocab_size") else ""))
     if wrong:
-        raise ValueError(f"{path} was saved with another model than this run builds; pass the checkpoint's model "
-                         "flags: " + "; ".join(wrong))
+        raise ConfigurationError(f"{path} was saved with another model than this run builds; pass the checkpoint's "
+                                 "model flags: " + "; ".join(wrong))
 
 
 def _report_rope_changes(path: str, common: dict, args) -> None:
@@ -373,8 +384,8 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, finetune: 
     iteration = read_latest(root) if iteration is None else iteration
     path = checkpoint_dir(root, iteration)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint {path} is missing (named by {named_by}); {root} holds the "
-                                f"iterations {saved_iterations(root)}")
+        raise CheckpointNotFoundError(f"checkpoint {path} is missing (named by {named_by}); {root} holds the "
+                                      f"iterations {saved_iterations(root)}")
     rank, world = dist.get_rank(), dist.get_world_size()
     model_sd = model.sharded_state_dict()
     request = {"model": model_sd}
@@ -388,13 +399,13 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, finetune: 
         carry.update({k: common[k] for k in CARRIED if common.get(k) is not None})
     if not finetune:
         if "scheduler" not in common:
-            raise ValueError(f"{path} holds weights only (no optimizer or scheduler): load it with --finetune")
+            raise ConfigurationError(f"{path} holds weights only (no optimizer or scheduler): load it with --finetune")
         request["rng"] = _rng_object(rank, world)
         if optimizer is not None:
             saved_impl = common.get("optimizer_impl", "torch")
             if saved_impl != optimizer.impl:
-                raise ValueError(f"{path} holds the optimizer state of --optimizer-impl {saved_impl}; resume with "
-                                 f"it, or load the weights only with --no-load-optim (or --finetune)")
+                raise ConfigurationError(f"{path} holds the optimizer state of --optimizer-impl {saved_impl}; resume "
+                                         f"with it, or load the weights only with --no-load-optim (or --finetune)")
             _check_optimizer_layout(path, common)
             request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
                                                                 sharding=common.get("optimizer_sharding"))

@@ -15,6 +15,8 @@ from megatron.core.datasets.blended_megatron_dataset_config import (
 )
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
+from megatron_moba.core.errors import ConfigurationError
+
 
 def parse_data_path(paths: List[str]) -> Tuple[List[str], Optional[List[float]]]:
     """megatron's --data-path syntax: ``p1 p2 ...`` or ``w1 p1 w2 p2 ...``."""
@@ -26,7 +28,7 @@ def parse_data_path(paths: List[str]) -> Tuple[List[str], Optional[List[float]]]
             return False
     if len(paths) > 1 and is_number(paths[0]):
         if len(paths) % 2:
-            raise ValueError("--data-path with weights needs pairs: w1 p1 w2 p2 ...")
+            raise ConfigurationError("--data-path with weights needs pairs: w1 p1 w2 p2 ...")
         return list(paths[1::2]), [float(w) for w in paths[0::2]]
     return list(paths), None
 
@@ -44,29 +46,30 @@ def check_indexed_dataset(prefix: str) -> numpy.ndarray:
     idx, bin_ = prefix + ".idx", prefix + ".bin"
     for path in (idx, bin_):
         if not os.path.isfile(path):
-            raise ValueError(f"--data-path {prefix}: {path} does not exist (a dataset is the pair PREFIX.bin "
-                             f"and PREFIX.idx written by tools/preprocess_data.py)")
+            raise ConfigurationError(f"--data-path {prefix}: {path} does not exist (a dataset is the pair PREFIX.bin "
+                                     f"and PREFIX.idx written by tools/preprocess_data.py)")
     size = os.path.getsize(idx)
     with open(idx, "rb") as f:
         head = f.read(34)
         if len(head) < 34 or head[:9] != _IDX_HEADER:
-            raise ValueError(f"{idx} is not a megatron indexed-dataset index (bad header)")
+            raise ConfigurationError(f"{idx} is not a megatron indexed-dataset index (bad header)")
         version, code, sequences, documents = struct.unpack("<QBQQ", head[9:])
         if version != 1 or code not in _DTYPES:
-            raise ValueError(f"{idx}: unsupported index version {version} or token dtype code {code}")
+            raise ConfigurationError(f"{idx}: unsupported index version {version} or token dtype code {code}")
         if size < 34 + sequences * 12 + documents * 8:
-            raise ValueError(f"{idx} is truncated: {size} bytes, but its header describes {sequences} "
-                             f"sequences and {documents - 1} documents ({34 + sequences * 12 + documents * 8} bytes)")
+            raise ConfigurationError(f"{idx} is truncated: {size} bytes, but its header describes {sequences} "
+                                     f"sequences and {documents - 1} documents "
+                                     f"({34 + sequences * 12 + documents * 8} bytes)")
         lengths = numpy.fromfile(f, dtype=numpy.int32, count=sequences)
     if sequences == 0:
-        raise ValueError(f"--data-path {prefix}: the dataset is empty (0 documents in {idx})")
+        raise ConfigurationError(f"--data-path {prefix}: the dataset is empty (0 documents in {idx})")
     itemsize = numpy.dtype(_DTYPES[code]).itemsize
     expected, actual = int(lengths.astype(numpy.int64).sum()) * itemsize, os.path.getsize(bin_)
     if actual != expected:
         what = "truncated" if actual < expected else "longer than its index describes"
-        raise ValueError(f"{bin_} is {what}: {actual} bytes, but {idx} describes {sequences} sequences of "
-                         f"{expected // itemsize} {numpy.dtype(_DTYPES[code]).name} tokens ({expected} bytes); "
-                         f"the pair is damaged or from different runs: rerun tools/preprocess_data.py")
+        raise ConfigurationError(f"{bin_} is {what}: {actual} bytes, but {idx} describes {sequences} sequences of "
+                                 f"{expected // itemsize} {numpy.dtype(_DTYPES[code]).name} tokens ({expected} bytes); "
+                                 f"the pair is damaged or from different runs: rerun tools/preprocess_data.py")
     return lengths
 
 
@@ -91,7 +94,7 @@ def _check_splits(args, prefixes: List[str], split_matrix, used: List[bool]) -> 
                 counts = ", ".join(f"{n} {0 if q is None else q[1] - q[0]}" for n, q in zip(SPLIT_NAMES, ranges))
                 fix = ("give the validation split more weight in --split, or leave out --eval-interval to train "
                        "without evaluation" if i == 1 else "give the training split more weight in --split")
-                raise ValueError(
+                raise ConfigurationError(
                     f"--split {args.split} leaves the {SPLIT_NAMES[i]} split of {prefix} empty "
                     f"({docs} documents, {tokens} tokens): it has {len(lengths)} documents, split as {counts}; "
                     f"{fix}")
@@ -111,10 +114,10 @@ def check_data(args) -> List[bool]:
     split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split if blend else "1,1,1"))
     used = [True, evaluation_enabled(args), False]
     if split_matrix[0] is None:
-        raise ValueError(f"--split {args.split} gives the training split no weight")
+        raise ConfigurationError(f"--split {args.split} gives the training split no weight")
     if used[1] and split_matrix[1] is None:
-        raise ValueError(f"--split {args.split} gives the validation split no weight, but --eval-interval "
-                         f"{args.eval_interval} evaluates on it")
+        raise ConfigurationError(f"--split {args.split} gives the validation split no weight, but --eval-interval "
+                                 f"{args.eval_interval} evaluates on it")
     if blend:        # files on object storage (s3://, msc://) are megatron's to check
         _check_splits(args, [q for q in blend[0] if "://" not in q], split_matrix, used)
     return used
@@ -146,7 +149,7 @@ class MicroBatches:
 
     def __init__(self, dataset, micro_batch_size: int, dp_rank: int, dp_size: int, consumed: int = 0):
         if dataset is None or len(dataset) == 0:
-            raise ValueError("the dataset is empty: check --data-path and --split")
+            raise ConfigurationError("the dataset is empty: check --data-path and --split")
         self.dataset, self.mbs, self.dp_rank, self.dp_size = dataset, micro_batch_size, dp_rank, dp_size
         self.consumed = consumed
 

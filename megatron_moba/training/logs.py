@@ -11,6 +11,8 @@ import os
 import warnings
 from typing import Optional
 
+from megatron_moba.core.errors import ConfigurationError
+
 LOG_FORMAT = "[%(asctime)s] %(levelname)s %(name)s: %(message)s"
 
 # Notices megatron-core prints at import time when optional fused backends are absent: the job
@@ -47,8 +49,8 @@ def setup_logging(level: Optional[int] = None, rank: int = 0) -> int:
     if level is None and env:
         level = int(env) if env.isdigit() else logging.getLevelName(env.upper())
         if not isinstance(level, int):
-            raise ValueError(f"MEGATRON_LOGGING_LEVEL={env!r} is not a logging level (a number, or DEBUG, INFO, "
-                             "WARNING, ERROR, CRITICAL)")
+            raise ConfigurationError(f"MEGATRON_LOGGING_LEVEL={env!r} is not a logging level (a number, or DEBUG, "
+                                     "INFO, WARNING, ERROR, CRITICAL)")
     if level is None:
         level = logging.INFO if rank == 0 else logging.WARNING
     logging.basicConfig(format=LOG_FORMAT)          # a no-op when the root logger has a handler

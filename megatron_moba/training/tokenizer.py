@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from typing import List
 
+from megatron_moba.core.errors import ConfigurationError
+
 
 class Tokenizer:
     def __init__(self, name: str, vocab_size: int, eod: int, encode, decode, model: str = None):
@@ -28,9 +30,9 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str = None, vocab_size
     tok = _build(tokenizer_type, tokenizer_model, vocab_size)
     if tokenizer_type != "NullTokenizer" and vocab_size is not None:
         if vocab_size < tok.vocab_size:
-            raise ValueError(f"--vocab-size {vocab_size} is smaller than the vocabulary of --tokenizer-model "
-                             f"{tokenizer_model} ({tok.vocab_size} tokens): its token ids would not fit the "
-                             "embedding; leave --vocab-size out or give at least the tokenizer's size")
+            raise ConfigurationError(f"--vocab-size {vocab_size} is smaller than the vocabulary of --tokenizer-model "
+                                     f"{tokenizer_model} ({tok.vocab_size} tokens): its token ids would not fit the "
+                                     "embedding; leave --vocab-size out or give at least the tokenizer's size")
         tok.vocab_size = vocab_size
         tok.unique_identifiers["vocab_size"] = vocab_size
     return tok
@@ -39,12 +41,12 @@ def build_tokenizer(tokenizer_type: str, tokenizer_model: str = None, vocab_size
 def _build(tokenizer_type: str, tokenizer_model: str = None, vocab_size: int = None) -> Tokenizer:
     if tokenizer_type == "NullTokenizer":
         if not vocab_size:
-            raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size")
+            raise ConfigurationError("--tokenizer-type NullTokenizer needs --vocab-size")
         # ids are the text's integers; the end-of-document id is vocab_size (one past the vocabulary)
         return Tokenizer("NullTokenizer", vocab_size + 1, vocab_size,
                          lambda text: [int(x) for x in text.split()], lambda ids: " ".join(map(str, ids)))
     if not tokenizer_model or not os.path.exists(tokenizer_model):
-        raise ValueError(f"--tokenizer-model {tokenizer_model!r} does not exist")
+        raise ConfigurationError(f"--tokenizer-model {tokenizer_model!r} does not exist")
     if tokenizer_type == "SentencePieceTokenizer":
         import sentencepiece
         sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer_model)
@@ -55,14 +57,14 @@ def _build(tokenizer_type: str, tokenizer_model: str = None, vocab_size: int = N
         try:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError as e:
-            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs the `tokenizers` package") from e
+            raise ConfigurationError("--tokenizer-type HuggingFaceTokenizer needs the `tokenizers` package") from e
         path = os.path.join(tokenizer_model, "tokenizer.json") if os.path.isdir(tokenizer_model) else tokenizer_model
         tok = HFTokenizer.from_file(path)
         eod = next((tok.token_to_id(t) for t in ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>")
                     if tok.token_to_id(t) is not None), None)
         if eod is None:
-            raise ValueError(f"{path}: no end-of-document token (</s>, <|endoftext|>, <|end_of_text|>, <eos>)")
+            raise ConfigurationError(f"{path}: no end-of-document token (</s>, <|endoftext|>, <|end_of_text|>, <eos>)")
         return Tokenizer("HuggingFaceTokenizer", tok.get_vocab_size(), eod,
                          lambda text: tok.encode(text, add_special_tokens=False).ids, lambda ids: tok.decode(list(ids)),
                          tokenizer_model)
-    raise ValueError(f"unknown --tokenizer-type {tokenizer_type!r}")
+    raise ConfigurationError(f"unknown --tokenizer-type {tokenizer_type!r}")

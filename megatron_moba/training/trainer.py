@@ -21,6 +21,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_moba.core.errors import ConfigurationError
 from megatron_moba.training.checkpointing import check_save_dir, drop_metrics_after, load_checkpoint, save_checkpoint
 from megatron_moba.training.data import MicroBatches, build_datasets, check_data
 from megatron_moba.training.flops import flops_per_iteration, memory_gib, peak_tflops
@@ -113,6 +114,11 @@ class Trainer:
         setup_logging(getattr(args, "logging_level", None), int(os.environ.get("RANK", "0")))
         initialize_distributed(args)
         check_data(args)           # a bad --split or a damaged --data-path fails before the model is built
+        if getattr(args, "ckpt_step", None) is not None and not args.load:
+            raise ConfigurationError("--ckpt-step needs --load")
+        # refuses a --save directory whose checkpoints this run would overwrite instead of resuming (before
+        # the model is built: quick to fail)
+        fresh = check_save_dir(args.save, args.load, args.finetune, getattr(args, "ckpt_step", None))
         self.tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
         self.model = build_model(args, self.tokenizer)           # the bare GPT: what checkpoints hold
         self.config = self.model.config
@@ -125,10 +131,6 @@ class Trainer:
             use_checkpoint_opt_param_scheduler=not getattr(args, "override_opt_param_scheduler", False),
             override_opt_param_scheduler=getattr(args, "override_opt_param_scheduler", False))
         self.iteration, self.consumed = 0, 0
-        if getattr(args, "ckpt_step", None) is not None and not args.load:
-            raise ValueError("--ckpt-step needs --load")
-        # refuses a --save directory whose checkpoints this run would overwrite instead of resuming
-        fresh = check_save_dir(args.save, args.load, args.finetune, getattr(args, "ckpt_step", None))
         self.carried = {}    # e.g. the HF config of an imported checkpoint: kept in every save
         self.loaded = bool(args.load) and not fresh       # what the start summary reports
         if fresh:    # --load = --save with nothing saved yet: a (re)queued job's first start
