@@ -21,7 +21,8 @@ FAST_TESTS := tests/kernels/test_reference.py tests/kernels/test_torch_backend.p
 # (test_triton_backend.py's megatron GPT under context parallelism spawns 2 processes: full tier only)
 FAST_DESELECT := not under_context_parallel
 
-.PHONY: help install demo demo-op test test-fast test-mcore-latest scaling-cpu bench lint docker clean
+.PHONY: help install demo demo-op test test-fast test-mcore-latest test-mcore-018 test-mcore-017 scaling-cpu bench lint \
+    docker clean
 
 help:  ## this list
 	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -58,6 +59,36 @@ test-mcore-latest:  ## the megatron tests against megatron-core 0.19.x (own venv
 	PYTHON=$(PYTHON) bash .ci/mcore_latest_venv.sh
 	.venv-mcore-latest/bin/python -m pytest -q $(PYTEST_ARGS) $(MCORE_TESTS)
 
+# make test-mcore-018 / test-mcore-017: a subset of MCORE_TESTS against the newest 0.18 and 0.17 releases, each in
+# its own venv built like .venv-mcore-latest: the CPU shims; GPT at TP x CP, PP, TP + SP and packed THD under CP;
+# megatron's DDP and distributed optimizer (DP=2 overlapped, TP=2) and bf16 weights with fp32 main weights resumed;
+# dist_checkpointing resume, also at TP=2; GPTDataset over indexed data (helpers_cpp); HF import at TP=2, export.
+MCORE_SUBSET_TESTS := tests/training/test_compat.py \
+    $(addprefix tests/core/test_megatron_gpt.py::test_,tensor_and_context_parallel_2x2_match_single_process \
+      pipeline_parallel_2_matches_single_process packed_thd_under_context_parallel_matches_single_process \
+      tensor_and_sequence_parallel_2_matches_single_process) \
+    'tests/training/test_megatron_optimizer.py::test_megatron_optimizer_trains_like_torch_adamw[layout1-extra1]' \
+    'tests/training/test_megatron_optimizer.py::test_megatron_optimizer_trains_like_torch_adamw[layout3-extra3]' \
+    tests/training/test_megatron_optimizer.py::test_bf16_weights_with_fp32_main_weights_resume_exactly \
+    tests/training/test_training.py::test_resume_is_exact \
+    'tests/training/test_training.py::test_resume_at_another_layout_reproduces_single_process[layout0]' \
+    tests/training/test_training.py::test_training_on_indexed_stdlib_data_reduces_loss \
+    'tests/hf/test_hf_convert.py::test_imported_checkpoint_gives_hf_logits[untied-2]' \
+    'tests/hf/test_hf_convert.py::test_export_round_trip_is_exact[untied]'
+MCORE_018 ?= 0.18.2
+MCORE_017 ?= 0.17.1
+# $(call mcore_subset,RELEASE,VENV): build/reuse VENV with megatron-core RELEASE, run MCORE_SUBSET_TESTS there
+define mcore_subset
+MCORE_LATEST_VERSION=$(1) MCORE_LATEST_VENV=$(2) PYTHON=$(PYTHON) bash .ci/mcore_latest_venv.sh
+$(2)/bin/python -m pytest -q $(PYTEST_ARGS) $(MCORE_SUBSET_TESTS)
+endef
+
+test-mcore-018:  ## a subset of the megatron tests against megatron-core 0.18.2 (own venv: .venv-mcore-018)
+	$(call mcore_subset,$(MCORE_018),.venv-mcore-018)
+
+test-mcore-017:  ## the same subset against megatron-core 0.17.1 (own venv: .venv-mcore-017)
+	$(call mcore_subset,$(MCORE_017),.venv-mcore-017)
+
 scaling-cpu: $(STAMP)  ## the README's CPU scaling study, then its long-context run (about 1.5 h on 2 cores; resumes)
 	$(BIN)/python tools/scaling_sweep.py --preset cpu-small --out runs/sweeps/cpu-small \
 	    --publish benchmarks/results/scaling_cpu_small
@@ -75,6 +106,6 @@ lint: $(STAMP)  ## ruff (pyproject.toml's rules) on the Python; bash -n and shel
 docker:  ## build the image on NVIDIA's PyTorch container (needs a Docker engine)
 	docker build -f docker/Dockerfile -t megatron-moba:latest .
 
-clean:  ## remove .venv, .venv-mcore-latest and caches
-	rm -rf $(VENV) .venv-mcore-latest build *.egg-info kernels/*.egg-info .pytest_cache runs
+clean:  ## remove .venv, the .venv-mcore-* venvs and caches
+	rm -rf $(VENV) .venv-mcore-latest .venv-mcore-018 .venv-mcore-017 build *.egg-info kernels/*.egg-info .pytest_cache runs
 	find . -name __pycache__ -prune -exec rm -rf {} +

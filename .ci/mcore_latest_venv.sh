@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds (or reuses) .venv-mcore-latest: this project with the newest supported megatron-core
-# (0.19.x) on this machine's Python 3.11, for `make test-mcore-latest`.
+# (0.19.x) on this machine's Python 3.11, for `make test-mcore-latest`; with MCORE_LATEST_VERSION and
+# MCORE_LATEST_VENV, another release in another venv (`make test-mcore-018`: 0.18.2 in .venv-mcore-018,
+# `make test-mcore-017`: 0.17.1 in .venv-mcore-017).
 #
 # megatron-core >= 0.17 is published only as cp312+ wheels (Requires-Python >= 3.12).  Its code is
 # pure Python that also runs on 3.11, except one pybind11 extension (megatron/core/datasets/helpers_cpp,
@@ -12,7 +14,8 @@
 # torch: 2.13.0, the CPU build (installed first, so nothing pulls a CUDA build).
 # Idempotent: a finished venv (its stamp newer than setup.py, constraints.txt and this script) is left
 # as it is; otherwise the venv is reused and the installs redone.  `rm -rf .venv-mcore-latest` rebuilds it.
-# PYTHON (python3): the interpreter of the venv; MCORE_LATEST_VERSION (0.19.2): the release to install.
+# PYTHON (python3): the interpreter of the venv; MCORE_LATEST_VERSION (0.19.2): the release to install (any
+# release with a cp312 manylinux_2_28 wheel); MCORE_LATEST_VENV (.venv-mcore-latest): the venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

@@ -1,9 +1,10 @@
 """The megatron-core releases megatron_moba supports, in one place.
 
 Supported: 0.16.1 up to the newest 0.19.x (``>=0.16.1,<0.20``, as setup.py declares).  0.16.1 is
-tested by ``make test``; 0.19.x by ``make test-mcore-latest`` (the megatron tests, on Python 3.11:
-megatron-core >= 0.17 ships cp312+ wheels only, and the target installs the wheel's pure-Python
-code with its one C++ extension rebuilt, see .ci/mcore_latest_venv.sh).
+tested by ``make test``; 0.19.2 by ``make test-mcore-latest`` (the megatron tests), 0.18.2 and 0.17.1
+by ``make test-mcore-018`` / ``make test-mcore-017`` (a subset of them), all in CI.  On Python 3.11:
+megatron-core >= 0.17 ships cp312+ wheels only, and these targets install the wheel's pure-Python
+code with its one C++ extension rebuilt, see .ci/mcore_latest_venv.sh.
 
 ``check_megatron_core()`` runs when ``megatron_moba.core.config`` is imported (every module that builds a
 model goes through it) and before the CPU shims patch megatron's internals: another release fails
