@@ -193,12 +193,27 @@ def environment(device: str) -> dict:
     if device == "cuda":
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
+    env["commit"], env["dirty"] = _git_state()
     try:
         import triton
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
     return env
+
+
+def _git_state():
+    """(commit, whether the tracked files differ from it) of the checkout this file is in; (None, None)
+    outside a git checkout (an installed wheel)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip() != ""
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    return commit, dirty
 
 
 def add_ratios(rows: list) -> list:
@@ -242,6 +257,7 @@ def run(args) -> list:
     impls = args.impls.split(",")
     rows = []
     env, run_args = environment(device), dict(vars(args))
+    started = time.time()
     for s in seqlens:
         for mode in args.modes.split(","):
             for impl in impls:
@@ -256,7 +272,8 @@ def run(args) -> list:
                 rows.append({**cfg, **measure(cfg, args.measure_timeout)})
                 print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
                 if args.out:     # a run cut short (a stage's timeout) keeps what it measured so far
-                    write_json(args.out, dict(environment=env, args=run_args, rows=add_ratios(rows), complete=False))
+                    write_json(args.out, dict(environment=env, args=run_args, rows=add_ratios(rows), complete=False,
+                                              wall_s=time.time() - started))
     add_ratios(rows)
 
     header = (f"{'seqlen':>7} {'mode':>7} {'impl':>10} {'ms':>10} {'TFLOP/s':>8} {'vs sdpa':>8} {'peak MiB':>9} "
@@ -271,7 +288,8 @@ def run(args) -> list:
               f"{_fmt(r, 'speedup_vs_sdpa', '>7.2f'):>8} {r['peak_mem_mib']:>9.1f} "
               f"{_fmt(r, 'mem_vs_sdpa', '>7.2f'):>8} {_fmt(r, 'mem_vs_reference', '>7.3f'):>8}")
     if args.out:
-        write_json(args.out, dict(environment=env, args=run_args, rows=rows, complete=True))
+        write_json(args.out, dict(environment=env, args=run_args, rows=rows, complete=True,
+                                  wall_s=time.time() - started))
         print(f"wrote {args.out}")
     return rows
 
