@@ -16,6 +16,7 @@ from megatron.core.transformer.module import MegatronModule
 
 from megatron_moba.core.config import MoBATransformerConfig
 from megatron_moba.core.context_parallel import SequenceGather
+from megatron_moba.core.errors import ConfigurationError
 from megatron_moba.core.layouts import from_varlen, to_varlen
 from moba_kernels import TensorKeyedCache, batch_cu_seqlens, moba_attn_varlen
 
@@ -33,8 +34,8 @@ class _VarlenCoreAttention(MegatronModule):
             raise ValueError(f"{type(self).__name__} is causal attention; got attn_mask_type={attn_mask_type}")
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         if dropout:
-            raise ValueError(f"MoBA attention layers have no attention dropout: set --attention-dropout 0 "
-                             f"(got {dropout})")
+            raise ConfigurationError(f"MoBA attention layers have no attention dropout: set --attention-dropout 0 "
+                                     f"(got {dropout})")
         self.cp_group = None
         if config.context_parallel_size > 1:
             cp = getattr(pg_collection, "cp", None) if pg_collection is not None else None

@@ -16,15 +16,17 @@ from typing import List
 import torch
 import torch.distributed as dist
 
+from megatron_moba.core.errors import ConfigurationError
+
 
 def cp_token_index(cu_seqlens: List[int], cp: int, rank: int, device=None) -> torch.Tensor:
     """Global token indices held by CP ``rank``, in its local order (int64, ascending)."""
     lens = [b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])]
     for n in lens:
         if n % (2 * cp):
-            raise ValueError(f"context parallelism needs every sequence length divisible by 2 x "
-                             f"--context-parallel-size ({2 * cp}); got a sequence of {n} tokens "
-                             f"(set --seq-length, or pad packed sequences, to a multiple of {2 * cp})")
+            raise ConfigurationError(f"context parallelism needs every sequence length divisible by 2 x "
+                                     f"--context-parallel-size ({2 * cp}); got a sequence of {n} tokens "
+                                     f"(set --seq-length, or pad packed sequences, to a multiple of {2 * cp})")
     starts = torch.tensor(cu_seqlens[:-1], dtype=torch.long, device=device)
     chunk = torch.tensor(lens, dtype=torch.long, device=device) // (2 * cp)
     seg_start = torch.stack([starts + rank * chunk, starts + (2 * cp - 1 - rank) * chunk], 1).flatten()

@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_moba.core.config import MoBATransformerConfig, check_seq_length
+from megatron_moba.core.errors import ConfigurationError
 from megatron_moba.core.specs import get_moba_decoder_block_spec
 
 VOCAB_MULTIPLE = 128
@@ -22,8 +23,8 @@ def padded_vocab_size(vocab_size: int, tensor_model_parallel_size: int = 1) -> i
     checkpoints move between layouts."""
     padded = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
     if padded % tensor_model_parallel_size:
-        raise ValueError(f"the padded vocabulary ({padded}) is not divisible by --tensor-model-parallel-size "
-                         f"({tensor_model_parallel_size})")
+        raise ConfigurationError(f"the padded vocabulary ({padded}) is not divisible by --tensor-model-parallel-size "
+                                 f"({tensor_model_parallel_size})")
     return padded
 
 

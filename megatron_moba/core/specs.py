@@ -22,6 +22,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_moba.core.attention import FullCoreAttention, MoBACoreAttention
 from megatron_moba.core.config import MoBATransformerConfig
+from megatron_moba.core.errors import ConfigurationError
 
 
 def te_available() -> bool:
@@ -33,8 +34,8 @@ def _stock_layer_spec(config: MoBATransformerConfig, use_te: bool) -> ModuleSpec
                   qk_layernorm=config.qk_layernorm)
     if use_te:
         if not gpt_layer_specs.HAVE_TE:
-            raise ValueError("use_te=True needs Transformer Engine (pip install -e '.[gpu]', or NVIDIA's "
-                             "PyTorch container); use_te=False builds the local (CPU-capable) spec")
+            raise ConfigurationError("use_te=True needs Transformer Engine (pip install -e '.[gpu]', or NVIDIA's "
+                                     "PyTorch container); use_te=False builds the local (CPU-capable) spec")
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(**common)
     return gpt_layer_specs.get_gpt_layer_local_spec(normalization=config.normalization, **common)
 
@@ -50,8 +51,8 @@ class SequenceParallelTorchNorm:
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
         norms = {"LayerNorm": torch.nn.LayerNorm, "RMSNorm": torch.nn.RMSNorm}
         if config.normalization not in norms:
-            raise ValueError(f"--normalization {config.normalization} is not supported by the local spec "
-                             f"with --sequence-parallel; use LayerNorm or RMSNorm")
+            raise ConfigurationError(f"--normalization {config.normalization} is not supported by the local spec "
+                                     f"with --sequence-parallel; use LayerNorm or RMSNorm")
         norm = norms[config.normalization](normalized_shape=hidden_size, eps=eps)
         for p in norm.parameters():
             p.sequence_parallel = config.sequence_parallel
@@ -80,7 +81,8 @@ def moba_and_full_layer_specs(config: MoBATransformerConfig, use_te: bool) -> tu
     if not isinstance(config, MoBATransformerConfig):
         raise TypeError("MoBA layer specs need a MoBATransformerConfig (megatron_moba.core.config)")
     if config.multi_latent_attention:
-        raise ValueError("MoBA layer specs support standard multi-head/GQA attention, not --multi-latent-attention")
+        raise ConfigurationError("MoBA layer specs support standard multi-head/GQA attention, "
+                                 "not --multi-latent-attention")
     stock = _stock_layer_spec(config, use_te)
     if config.sequence_parallel and not use_te:
         stock = _local_sp_norms(stock, config.qk_layernorm)
