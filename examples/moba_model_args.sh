@@ -2,7 +2,11 @@
 # Model: ~1B-parameter GPT (24 layers, hidden 2048, 16 heads, 4 KV groups) unless overridden, or
 # MODEL_ARGS: the flags of an imported Hugging Face model, as `tools/convert_hf_checkpoint.py flags`
 # (or `import`) prints them (model, tokenizer, --vocab-size; words split on spaces).  They replace
-# the model variables, the tokenizer and, unless ROTARY_BASE is set, the RoPE base.
+# the model variables, the tokenizer and, unless ROTARY_BASE is set, the RoPE base; their
+# --max-position-embeddings gives way to SEQ_LENGTH's (each flag is passed once).
+# Data: DATA_PATH (megatron's "[w1] p1 [w2 p2 ...]"), or random tokens only when asked for with
+# MOCK_DATA=1 (neither: an error).  TRAIN_DATA_SLICE="BEGIN END" trains on that fraction of the
+# training documents (--train-data-slice; the continued-pretraining recipe's stages).
 # shellcheck shell=bash
 
 ROTARY_BASE_GIVEN=${ROTARY_BASE:+1}
@@ -30,7 +34,16 @@ SAVE_INTERVAL=${SAVE_INTERVAL:-500}
 TOKENIZER_TYPE=${TOKENIZER_TYPE:-SentencePieceTokenizer}
 
 if [[ -n "${MODEL_ARGS:-}" ]]; then
-    read -r -a model_args <<< "$MODEL_ARGS"
+    read -r -a imported <<< "$MODEL_ARGS"
+    # drop the imported flags that a stage sets itself: positions always, the RoPE base with ROTARY_BASE
+    model_args=()
+    for ((i = 0; i < ${#imported[@]}; i++)); do
+        case "${imported[i]}" in
+            --max-position-embeddings) i=$((i + 1)); continue ;;
+            --rotary-base) if [[ -n "$ROTARY_BASE_GIVEN" ]]; then i=$((i + 1)); continue; fi ;;
+        esac
+        model_args+=("${imported[i]}")
+    done
     rope_args=()
     if [[ -n "$ROTARY_BASE_GIVEN" ]]; then rope_args=(--rotary-base "$ROTARY_BASE"); fi
 else
@@ -57,7 +70,15 @@ if [[ -n "${DATA_PATH:-}" ]]; then
     if [[ -z "${MODEL_ARGS:-}" || -n "${TOKENIZER_MODEL:-}" ]]; then
         TRAIN_ARGS+=(--tokenizer-type "$TOKENIZER_TYPE" --tokenizer-model "${TOKENIZER_MODEL:?set TOKENIZER_MODEL}")
     fi
-else
+elif [[ "${MOCK_DATA:-0}" == 1 ]]; then
     TRAIN_ARGS+=(--mock-data)
     if [[ -z "${MODEL_ARGS:-}" ]]; then TRAIN_ARGS+=(--tokenizer-type NullTokenizer --vocab-size "${VOCAB_SIZE:-32000}"); fi
+else
+    echo "error: set DATA_PATH to the training data (prefixes of .bin/.idx files), or MOCK_DATA=1 to train on" \
+         "random tokens" >&2
+    exit 2
+fi
+if [[ -n "${TRAIN_DATA_SLICE:-}" ]]; then
+    read -r -a data_slice <<< "$TRAIN_DATA_SLICE"
+    TRAIN_ARGS+=(--train-data-slice "${data_slice[@]}")
 fi

@@ -2,11 +2,11 @@
 # MoBA pretraining of a ~1B GPT at 32K context on one 8-GPU node (torchrun).
 #
 #   DATA_PATH=data/corpus TOKENIZER_MODEL=data/spm.model bash examples/pretrain_gpt_moba_single_node.sh
-#   TP=2 CP=2 ATTENTION=full bash examples/pretrain_gpt_moba_single_node.sh   # the dense baseline
-#   DRY_RUN=1 bash examples/pretrain_gpt_moba_single_node.sh                   # print the command only
+#   TP=2 CP=2 ATTENTION=full DATA_PATH=... bash examples/pretrain_gpt_moba_single_node.sh   # the dense baseline
+#   MOCK_DATA=1 DRY_RUN=1 bash examples/pretrain_gpt_moba_single_node.sh       # print the command only
 #
 # Variables (defaults): GPUS (8), TP (1), PP (1), CP (1), SEQ_LENGTH (32768), MOBA_CHUNK (512),
-# MOBA_TOPK (3), ATTENTION (moba), DATA_PATH (unset: mock data), TOKENIZER_MODEL, RUN_DIR
+# MOBA_TOPK (3), ATTENTION (moba), DATA_PATH (or MOCK_DATA=1: random tokens), TOKENIZER_MODEL, RUN_DIR
 # (runs/moba_1b), plus the model/training variables in examples/moba_model_args.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -12,6 +12,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, List, NoReturn, Optional
 
+from megatron_moba.training import megatron_lm_flags
+
 # no torch/megatron imports at module level: `--help` answers before any heavy import
 if TYPE_CHECKING:
     from megatron_moba.core.config import MoBATransformerConfig
@@ -224,6 +226,7 @@ def build_parser(require_model_flags: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--metrics-file", default=None, help="JSON lines, one per logged iteration")
+    megatron_lm_flags.add_flags(p)      # Megatron-LM's flags for 8B-scale runs; --train-data-slice
     return p
 
 
@@ -243,19 +246,24 @@ def flag_defaults() -> dict:
     return vars(build_parser(require_model_flags=False).parse_args([]))
 
 
-def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
-    """Parse and validate; contradictions exit with a message naming the flags."""
+def parse_args(argv: Optional[List[str]] = None, world_size: Optional[int] = None,
+               cuda: Optional[bool] = None, prog: Optional[str] = None) -> argparse.Namespace:
+    """Parse and validate; contradictions exit with a message naming the flags.  ``cuda``: resolve the
+    device-dependent defaults as on a machine with (True) or without (False) CUDA (default: this one);
+    ``prog`` names the command in error messages."""
     parser = build_parser()
+    if prog:
+        parser.prog = prog
     args = parser.parse_args(argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     try:
-        validate_args(args, world_size)
+        validate_args(args, world_size, cuda)
     except ValueError as e:
         parser.error(str(e))
     return args
 
 
-def validate_args(args, world_size: int) -> None:
+def validate_args(args, world_size: int, cuda: Optional[bool] = None) -> None:
     for flag in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters", "micro_batch_size",
                  "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
         if getattr(args, flag) < 1:
@@ -306,7 +314,8 @@ def validate_args(args, world_size: int) -> None:
         raise ValueError("--save-interval needs --save")
     if args.attention == "moba" and args.attention_dropout:
         raise ValueError("--attention-dropout must be 0 with --attention moba (MoBA layers have no attention dropout)")
-    _resolve_optimizer(args)
+    _resolve_optimizer(args, cuda)
+    megatron_lm_flags.check_flags(args, args.cuda)
     if args.document_attention and args.context_parallel_size > 1:
         raise ValueError("--document-attention with --context-parallel-size > 1 is not supported yet")
 
@@ -416,10 +425,13 @@ def _check_split_and_intervals(args) -> None:
                              f"--eval-interval out to train without evaluation")
 
 
-def _resolve_optimizer(args) -> None:
-    """Defaults of the optimizer flags from CUDA availability; megatron-only flags checked."""
-    import torch
-    cuda = torch.cuda.is_available()
+def _resolve_optimizer(args, cuda: Optional[bool] = None) -> None:
+    """Defaults of the optimizer flags from CUDA availability (``cuda``, default: this machine's; kept
+    as ``args.cuda``); megatron-only flags checked."""
+    if cuda is None:
+        import torch
+        cuda = torch.cuda.is_available()
+    args.cuda = cuda
     if args.optimizer_impl is None:
         args.optimizer_impl = "megatron" if cuda or getattr(args, "fp16", False) else "torch"
     if getattr(args, "fp16", False) and args.optimizer_impl == "torch":
@@ -471,4 +483,5 @@ def config_from_args(args) -> "MoBATransformerConfig":
         moba_backend=args.moba_backend, moba_full_attn_layers=args.moba_full_attn_layers,
         moba_full_attn_layer_list=args.moba_full_attn_layer_list,
         hybrid_layer_pattern=getattr(args, "hybrid_layer_pattern", None),
+        **megatron_lm_flags.config_fields(args),
     )

@@ -80,6 +80,15 @@ def split_ranges(split_matrix, num_elements: int) -> List[Optional[Tuple[int, in
             for m in split_matrix]
 
 
+def slice_training_split(split_matrix, data_slice):
+    """The split matrix with the training split cut to the fraction ``data_slice`` = (begin, end) of its
+    documents (--train-data-slice; None: unchanged).  Validation and test keep their documents."""
+    if data_slice is None or split_matrix[0] is None:
+        return split_matrix
+    (lo, hi), (begin, end) = split_matrix[0], data_slice
+    return [(lo + (hi - lo) * begin, lo + (hi - lo) * end)] + list(split_matrix[1:])
+
+
 def _check_splits(args, prefixes: List[str], split_matrix, used: List[bool]) -> None:
     """Every split that the run uses has tokens in every file: megatron's GPTDataset loops
     forever on an empty one."""
@@ -93,7 +102,8 @@ def _check_splits(args, prefixes: List[str], split_matrix, used: List[bool]) -> 
             if tokens == 0:
                 counts = ", ".join(f"{n} {0 if q is None else q[1] - q[0]}" for n, q in zip(SPLIT_NAMES, ranges))
                 fix = ("give the validation split more weight in --split, or leave out --eval-interval to train "
-                       "without evaluation" if i == 1 else "give the training split more weight in --split")
+                       "without evaluation" if i == 1 else "give the training split more weight in --split"
+                       + (" or a larger --train-data-slice" if getattr(args, "train_data_slice", None) else ""))
                 raise ConfigurationError(
                     f"--split {args.split} leaves the {SPLIT_NAMES[i]} split of {prefix} empty "
                     f"({docs} documents, {tokens} tokens): it has {len(lengths)} documents, split as {counts}; "
@@ -112,6 +122,7 @@ def check_data(args) -> List[bool]:
     blend = parse_data_path(args.data_path) if args.data_path else None
     # mock data (no blend): megatron's config replaces the split with an even "1,1,1"
     split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(args.split if blend else "1,1,1"))
+    split_matrix = slice_training_split(split_matrix, getattr(args, "train_data_slice", None))
     used = [True, evaluation_enabled(args), False]
     if split_matrix[0] is None:
         raise ConfigurationError(f"--split {args.split} gives the training split no weight")
@@ -134,7 +145,8 @@ def build_datasets(args, tokenizer, checked: bool = False):
         tokenizer=tokenizer, reset_position_ids=args.reset_position_ids, reset_attention_mask=False,
         eod_mask_loss=False, create_attention_mask=False, path_to_cache=args.data_cache_path)
     # a split left unused is not built: megatron builds every split of nonzero weight
-    config.split_matrix = [m if u else None for m, u in zip(config.split_matrix, used)]
+    config.split_matrix = [m if u else None for m, u in zip(
+        slice_training_split(config.split_matrix, getattr(args, "train_data_slice", None)), used)]
     evals = (args.train_iters // args.eval_interval + 1) * args.eval_iters if used[1] else 0
     sizes = [args.train_iters * args.global_batch_size, evals * args.global_batch_size, 0]
     cls = MockGPTDataset if args.mock_data else GPTDataset

@@ -15,8 +15,10 @@ def build_model(args, tokenizer):
     build = build_moba_gpt
     if getattr(args, "hybrid_layer_pattern", None):
         from megatron_moba.core.hybrid import build_moba_hybrid as build
+    impl = getattr(args, "transformer_impl", None)      # --transformer-impl (default: TE when installed)
     return build(
         config_from_args(args), args.padded_vocab_size, args.seq_length,
+        use_te=None if impl is None else impl == "transformer_engine",
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
         rope_scaling=getattr(args, "use_rope_scaling", False),
         rope_scaling_factor=getattr(args, "rope_scaling_factor", None) or 8.0,

@@ -39,7 +39,8 @@ def initialize_distributed(args) -> None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        # --distributed-timeout-minutes (Megatron-LM's flag; the job's default 30)
+        dist.init_process_group(backend, timeout=timedelta(minutes=getattr(args, "distributed_timeout_minutes", 30)))
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
                                      context_parallel_size=args.context_parallel_size)

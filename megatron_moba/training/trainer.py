@@ -22,6 +22,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_moba.core.errors import ConfigurationError
+from megatron_moba.training import megatron_lm_flags
 from megatron_moba.training.checkpointing import check_save_dir, drop_metrics_after, load_checkpoint, save_checkpoint
 from megatron_moba.training.data import MicroBatches, build_datasets, check_data
 from megatron_moba.training.flops import flops_per_iteration, memory_gib, peak_tflops
@@ -104,6 +105,15 @@ def count_parameters(model) -> int:
     return int(total.item())
 
 
+def positions_line(a) -> str:
+    """Which positions the run trains with: RoPE base and scaling, maximum positions, sequence length."""
+    if getattr(a, "position_embedding_type", "rope") != "rope":
+        return f"positions: learned absolute, max positions {a.max_position_embeddings}, sequence {a.seq_length}"
+    scaling = (f", Llama 3 scaling x{a.rope_scaling_factor:g}" if getattr(a, "use_rope_scaling", False) else "")
+    return (f"positions: RoPE base {a.rotary_base}{scaling}, max positions {a.max_position_embeddings}, "
+            f"sequence length {a.seq_length}")
+
+
 class Trainer:
     clock = staticmethod(time.perf_counter)      # times the training steps (tokens/s, ms per iteration)
 
@@ -150,6 +160,7 @@ class Trainer:
         self.fb = get_forward_backward_func()
         self.step_fn = partial(forward_step, eod=self.tokenizer.eod, document_attention=args.document_attention)
         self.stop_requested, self.stop_signal = False, None
+        self.gc = megatron_lm_flags.ManualGC(args)
         if self.iteration and dist.get_rank() == 0:     # a resume: drop what a crashed run logged after its save
             dropped = drop_metrics_after(args.metrics_file, self.iteration)
             if dropped:
@@ -224,7 +235,8 @@ class Trainer:
         if threading.current_thread() is threading.main_thread():      # SIGTERM, Ctrl-C: save, then stop
             handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
-            return self._loop()
+            with self.gc:                       # --manual-gc (nothing without it)
+                return self._loop()
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -267,7 +279,9 @@ class Trainer:
              f"tokens per step: {a.global_batch_size * a.seq_length:,} (global batch {a.global_batch_size} x "
              f"sequence length {a.seq_length}; {a.num_microbatches} micro-batches of {a.micro_batch_size} per "
              f"data-parallel rank) | iterations {self.iteration} -> {a.train_iters}\n"
-             f"start: {start}")
+             f"start: {start}\n" + positions_line(a))
+        for line in megatron_lm_flags.summary(a):
+            _log(line)
         if not getattr(a, "hybrid_layer_pattern", None):
             from megatron_moba.core.versions import hybrid_model_available
             if hybrid_model_available():            # megatron-core 0.19+ logs "GPTModel IS DEPRECATED" above
@@ -324,7 +338,9 @@ class Trainer:
                      + (f" | MFU {100 * m['mfu']:.1f}%" if peak else "") + f" | mem {m['memory_gib']:.2f} GiB")
                 self.record(m)
                 step_time, steps_timed, skipped = 0.0, 0, 0
+            self.gc.step(self.iteration)
             if a.eval_interval and self.iteration % a.eval_interval == 0:
+                self.gc.before_eval()
                 val = self.evaluate()
                 _log(f"iteration {self.iteration:>6} | validation loss {val:.4f}")
                 self.record({"valid_loss": val})
@@ -336,6 +352,7 @@ class Trainer:
             stop = signalled or out_of_time or bool(a.exit_interval and self.iteration % a.exit_interval == 0)
             if a.save and (stop or (a.save_interval and self.iteration % a.save_interval == 0)
                            or self.iteration == a.train_iters):
+                self.gc.before_save()
                 self.save()
             if stop:
                 why = ((self.stop_signal or "a signal on another rank") if signalled
