@@ -191,9 +191,9 @@ def summary(args) -> List[str]:
     lines.append("kernel fusions: on " + (", ".join(on) or "none")
                  + ("; off " + ", ".join(f"{k} ({v})" for k, v in off.items()) if off else ""))
     if getattr(args, "manual_gc", False):
-        lines.append(f"--manual-gc: automatic garbage collection off, collecting every "
-                     f"{args.manual_gc_interval or 'checkpoint/evaluation'}"
-                     + (" iterations" if args.manual_gc_interval else ""))
+        every = f"every {args.manual_gc_interval} iterations and " if args.manual_gc_interval else ""
+        lines.append(f"--manual-gc: automatic garbage collection off, collecting {every}before checkpoint saves"
+                     + (" and evaluations" if args.manual_gc_eval else ""))
     return lines
 
 

@@ -3,6 +3,7 @@ damaged .bin/.idx files are refused before training, with the flag or file to fi
 
 Cases that used to hang run in a subprocess with a timeout, so a regression fails instead of
 blocking the suite."""
+import json
 import os
 import subprocess
 import sys
@@ -152,3 +153,44 @@ def test_blend_checks_every_file(tmp_path):
     args.data_path = ["0.5", good, "0.5", bad]
     with pytest.raises(ValueError, match="bad.bin is truncated"):
         build_datasets(args, build_tokenizer("NullTokenizer", None, 200))
+
+
+# ------------------------------------------------------------------ --train-data-slice
+
+SLICES = """
+import json, sys
+from megatron_moba.training.arguments import parse_args
+from megatron_moba.training.data import build_datasets
+from megatron_moba.training.tokenizer import build_tokenizer
+read = {}
+for part in sys.argv[2:]:
+    argv = sys.argv[1].split() + (["--train-data-slice", *part.split(":")] if part != "all" else [])
+    args = parse_args(argv, world_size=1)
+    train = build_datasets(args, build_tokenizer("NullTokenizer", None, args.vocab_size))[0]
+    read[part] = sorted({int(t) for i in range(len(train)) for t in train[i]["tokens"].tolist()} - {args.vocab_size})
+print("read", json.dumps(read))
+"""
+
+
+def test_train_data_slices_read_disjoint_documents(tmp_path):
+    """--train-data-slice: stages on 0-0.25 and 0.25-1 of the training split read disjoint documents, together
+    the whole split.  Document i is the token i+1 repeated, so the tokens a dataset serves name its documents."""
+    from megatron_moba.training.preprocess import build_indexed_dataset
+    prefix = str(tmp_path / "docs")
+    build_indexed_dataset(iter(" ".join([str(i + 1)] * (30 + i % 7)) for i in range(40)), prefix, "NullTokenizer",
+                          vocab_size=200, progress=False)
+    argv = " ".join(_data_argv(prefix, "--split", "80,20,0"))
+    r = _python(SLICES, argv, "0:0.25", "0.25:1", "all")
+    assert r.returncode == 0, r.stderr[-3000:]
+    read = json.loads(r.stdout.split("read", 1)[1])
+    assert read["all"] == list(range(1, 33))                     # the training split: documents 0-31 (80%)
+    assert read["0:0.25"] == list(range(1, 9))                   # its first quarter
+    assert read["0.25:1"] == list(range(9, 33))                  # the rest: no document of the first stage
+
+
+@pytest.mark.parametrize("extra,text", [
+    (["--train-data-slice", "0.5", "0.5"], "--train-data-slice 0.5 0.5: need 0 <= BEGIN < END <= 1"),
+    (["--train-data-slice", "0", "1.5"], "--train-data-slice 0.0 1.5: need 0 <= BEGIN < END <= 1"),
+])
+def test_cli_rejects_bad_data_slices(extra, text, capsys):
+    mc.assert_cli_rejects(extra, text, capsys)

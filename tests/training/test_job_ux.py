@@ -210,7 +210,7 @@ def _job(argv, **kw):
 
 def test_job_logs_megatron_info_a_summary_and_no_absent_backend_warnings(tmp_path):
     ckpt = str(tmp_path / "ckpt")
-    run = _job(_argv(train_iters=3) + ["--save", ckpt])
+    run = _job(_argv(train_iters=3) + ["--save", ckpt, "--use-mcore-models", "--manual-gc"])
     assert run.returncode == 0, run.stderr[-3000:]
     out = run.stdout + run.stderr
     assert "INFO megatron.core.datasets" in out                         # megatron-core's own INFO logging
@@ -218,6 +218,11 @@ def test_job_logs_megatron_info_a_summary_and_no_absent_backend_warnings(tmp_pat
         in run.stdout
     assert "tokens per step: 256 (global batch 4 x sequence length 64" in run.stdout
     assert "start: from scratch (seed 1234)" in run.stdout
+    assert "positions: RoPE base 10000, max positions 64, sequence length 64" in run.stdout
+    assert "--use-mcore-models: accepted, no effect (the job builds megatron-core models only)" in run.stdout
+    assert "kernel fusions: on none; off masked_softmax_fusion (no CUDA)" in run.stdout
+    assert ("--manual-gc: automatic garbage collection off, collecting before checkpoint saves and evaluations"
+            in run.stdout)
     assert " parameters, 2 layers, attention moba, fp32" in run.stdout
     assert "iteration      3/3 | consumed samples: 12 | elapsed time per iteration (ms): " in run.stdout
     for notice in ("Apex is not installed", "Transformer Engine and Apex are not installed",
