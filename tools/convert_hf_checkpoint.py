@@ -3,7 +3,7 @@
 
     python tools/convert_hf_checkpoint.py import --hf-dir llama-3.1-8b --save ckpt/llama_mg
     #   then: torchrun ... -m megatron_moba.pretrain --load ckpt/llama_mg --finetune <printed flags> ...
-    python tools/convert_hf_checkpoint.py export --load ckpt/run --out llama_moba_hf
+    python tools/convert_hf_checkpoint.py export --load ckpt/run --out llama_moba_hf [--dtype bfloat16]
     python tools/convert_hf_checkpoint.py flags --hf-dir llama-3.1-8b      # the flags only (reads config.json)
 
 Every tensor of the HF checkpoint is carried or the import fails naming it; every config field
@@ -18,7 +18,10 @@ import through every checkpoint trained from it (--load/--finetune); a checkpoin
 run trained from scratch with the HF model's flags) needs --hf-config.
 
 The megatron checkpoint holds full-size (global) tensors: it loads at any TP/PP.  Weights are
-read from and written to safetensors only.
+read from and written to safetensors only.  Import reads one tensor at a time and builds the model
+in the dtype config.json names (bf16 for Llama 3.1); export writes the checkpoint's dtype (or
+--dtype), sharded as transformers' save_pretrained (--max-shard-size, 5GB), with the tokenizer files
+and generation_config.json beside them.
 """
 import argparse
 import os
@@ -48,6 +51,13 @@ def main(argv=None):
                      help="config.json (or HF directory) describing the model, for a checkpoint that does not carry "
                           "one from an import")
     exp.add_argument("--replace-sliding-window", action="store_true", help="with --hf-config: " + window_help)
+    exp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                     help="dtype of the written weights (default: the checkpoint's)")
+    exp.add_argument("--max-shard-size", default="5GB",
+                     help="largest safetensors file, as transformers' save_pretrained (bytes, or e.g. 5GB, 500MiB)")
+    exp.add_argument("--tokenizer-dir", default=None,
+                     help="copy the tokenizer files from here (default: the directory of the tokenizer the "
+                          "checkpoint was trained with)")
     fl = sub.add_parser("flags", help="print the pretraining flags of an HF model (config.json, tokenizer)")
     fl.add_argument("--hf-dir", required=True)
     fl.add_argument("--replace-sliding-window", action="store_true", help=window_help)
@@ -73,7 +83,8 @@ def main(argv=None):
         if args.direction == "import":
             convert.run_import(args.hf_dir, args.save, args.replace_sliding_window, args.hybrid)
         else:
-            convert.run_export(args.load, args.out, args.hf_config, args.replace_sliding_window)
+            convert.run_export(args.load, args.out, args.hf_config, args.replace_sliding_window, args.dtype,
+                               args.max_shard_size, args.tokenizer_dir)
     except (ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
