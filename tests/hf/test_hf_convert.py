@@ -110,3 +110,60 @@ def test_hf_moba_rejects_padding():
     mask[..., 0] = False                                                      # a padded first token
     with pytest.raises(ValueError, match="causal masks only"):
         moba_attention(M(), q, k, k, mask)
+
+
+# ---------------------------------------------------------------- bf16, streaming, sharded export
+@pytest.fixture(scope="module")
+def bf16_model(tmp_path_factory):
+    """A bf16 Llama saved by transformers in 3 shards, with a tokenizer and a generation config."""
+    from tokenizers import Tokenizer, models
+    d = tmp_path_factory.mktemp("hf_bf16")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=200, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=1, eos_token_id=2)
+    model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    model.save_pretrained(str(d / "hf"), max_shard_size="40KB")
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"t{i}": i for i in range(3, 200)}}
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(d / "hf" / "tokenizer.json"))
+    (d / "hf" / "tokenizer_config.json").write_text('{"model_max_length": 64}')
+    return d, model
+
+
+def test_bf16_import_streams_and_export_shards_like_save_pretrained(bf16_model):
+    import json
+
+    from safetensors.torch import load_file
+
+    from megatron_moba.hf.safetensors_io import HFWeights
+    d, model = bf16_model
+    assert len(json.loads((d / "hf" / "model.safetensors.index.json").read_text())["weight_map"]) == 21
+    weights = HFWeights(str(d / "hf"))
+    assert weights.nbytes() == sum(t.numel() * 2 for t in model.state_dict().values())
+    _tool("import", "--hf-dir", str(d / "hf"), "--save", str(d / "mg"))
+    out = _tool("export", "--load", str(d / "mg"), "--out", str(d / "back"), "--max-shard-size", "50KB")
+    assert "in bfloat16" in out
+    index = json.loads((d / "back" / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    n = len(files)
+    assert n > 2 and files == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    back = {}
+    for f in files:
+        assert os.path.getsize(d / "back" / f) <= 50_000 + 4096     # a shard: 50 KB of tensors and its header
+        back.update(load_file(str(d / "back" / f)))
+    assert index["metadata"]["total_size"] == sum(t.numel() * 2 for t in back.values())
+    original = model.state_dict()
+    assert sorted(back) == sorted(original)
+    for k, t in original.items():
+        assert back[k].dtype == torch.bfloat16 and torch.equal(back[k], t), k        # bit for bit, in bf16
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        assert (d / "back" / f).read_bytes() == (d / "hf" / f).read_bytes()
+    assert json.loads((d / "back" / "generation_config.json").read_text())["eos_token_id"] == 2
+    reloaded = transformers.LlamaForCausalLM.from_pretrained(str(d / "back"))
+    assert reloaded.dtype == torch.bfloat16
+    assert transformers.AutoTokenizer.from_pretrained(str(d / "back")) is not None
+    # --dtype: the same weights in float32, one file
+    _tool("export", "--load", str(d / "mg"), "--out", str(d / "fp32"), "--dtype", "float32")
+    single = load_file(str(d / "fp32" / "model.safetensors"))
+    assert not (d / "fp32" / "model.safetensors.index.json").exists()
+    assert all(single[k].dtype == torch.float32 and torch.equal(single[k], t.float()) for k, t in original.items())
