@@ -65,10 +65,7 @@ print("RESULT " + json.dumps(dict(baseline_bytes=baseline, peak_bytes=status("Vm
 
 
 def _run(code, *argv):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "kernels"),
-                                                       os.environ.get("PYTHONPATH", "")]))
-    r = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, env=env,
-                       cwd=ROOT)
+    r = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, cwd=ROOT)
     if r.returncode:
         raise SystemExit(f"failed ({argv[0]}):\n{r.stderr[-3000:]}")
     return r.stdout

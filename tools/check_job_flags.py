@@ -15,12 +15,7 @@ Prints one line, what the job would train (layout, sequence, RoPE base, maximum 
 on an error ``<name>: error: <message>`` on stderr and exit status 2.
 """
 import argparse
-import os
 import sys
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def describe(args) -> str:
