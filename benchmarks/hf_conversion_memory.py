@@ -8,7 +8,9 @@ saves it with save_pretrained, then runs ``tools/convert_hf_checkpoint.py``'s im
 its own process.  Each process first imports torch, megatron-core and transformers and sets up its
 process group; that resident size is its baseline.  It then resets the kernel's peak-RSS counter
 (/proc/self/clear_refs) and converts; the figure is the peak resident size (VmHWM) above the baseline,
-divided by the bytes of the HF weights.  The 8B prediction multiplies that ratio by Llama-3.1-8B's bf16
+or, where larger, the peak proportional set size of the process and its children (megatron-core's
+checkpoint writers are forked processes; sampled every 20 ms) above theirs, divided by the bytes of
+the HF weights.  The 8B prediction multiplies that ratio by Llama-3.1-8B's bf16
 weights (8,030,261,248 parameters, 16.06 GB).  Linux only.
 """
 import argparse
@@ -17,6 +19,7 @@ import os
 import platform
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,35 +40,75 @@ print(sum(p.numel() for p in model.parameters()))
 """
 
 MEASURE = """
-import json, os, sys, time, warnings
+import json, os, sys, threading, time, warnings
 warnings.filterwarnings("ignore")
-import torch, megatron.core, transformers  # noqa: F401  (the baseline: these imported)
-from megatron_moba.training.logs import quiet_absent_backend_warnings
-quiet_absent_backend_warnings()
-from megatron_moba.training.compat import apply_patches
-apply_patches("torch")
-from megatron_moba.hf import convert
-convert._single_process()
 
-def status(field):
-    for line in open("/proc/self/status"):
+
+def status(field, pid="self"):
+    for line in open(f"/proc/{pid}/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
 
-baseline = status("VmRSS")
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")                       # resets VmHWM to the current resident size
-t0 = time.time()
-if sys.argv[1] == "import":
-    convert.import_to_checkpoint(sys.argv[2], sys.argv[3])
-else:
-    convert.export_from_checkpoint(sys.argv[2], sys.argv[3])
-print("RESULT " + json.dumps(dict(baseline_bytes=baseline, peak_bytes=status("VmHWM"), wall_s=time.time() - t0)))
+
+def tree_pss():
+    # proportional set size of this process and its descendants (megatron's checkpoint writers are forked)
+    pids, total, i = [str(os.getpid())], 0, 0
+    while i < len(pids):
+        try:
+            for tid in os.listdir(f"/proc/{pids[i]}/task"):
+                pids += open(f"/proc/{pids[i]}/task/{tid}/children").read().split()
+            for line in open(f"/proc/{pids[i]}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        i += 1
+    return total
+
+
+def main():
+    import torch, megatron.core, transformers  # noqa: F401  (the baseline: these imported)
+    from megatron_moba.training.logs import quiet_absent_backend_warnings
+    quiet_absent_backend_warnings()
+    from megatron_moba.training.compat import apply_patches
+    apply_patches("torch")
+    from megatron_moba.hf import convert
+    convert._single_process()
+    baseline, baseline_pss = status("VmRSS"), tree_pss()
+    peak_pss, done = [baseline_pss], threading.Event()
+
+    def sample():
+        while not done.wait(0.02):
+            peak_pss[0] = max(peak_pss[0], tree_pss())
+    sampler = threading.Thread(target=sample, daemon=True)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                       # resets VmHWM to the current resident size
+    sampler.start()
+    t0 = time.time()
+    if sys.argv[1] == "import":
+        convert.import_to_checkpoint(sys.argv[2], sys.argv[3])
+    else:
+        convert.export_from_checkpoint(sys.argv[2], sys.argv[3], max_shard_size=sys.argv[4])
+    wall = time.time() - t0
+    done.set()
+    sampler.join()
+    code = os.path.dirname(os.path.dirname(os.path.dirname(convert.__file__)))
+    print("RESULT " + json.dumps(dict(code=code, baseline_bytes=baseline, peak_bytes=status("VmHWM"), wall_s=wall,
+                                      baseline_tree_pss_bytes=baseline_pss, peak_tree_pss_bytes=peak_pss[0])))
+
+
+if __name__ == "__main__":
+    main()
 """
 
 
 def _run(code, *argv):
-    r = subprocess.run([sys.executable, "-c", code, *map(str, argv)], capture_output=True, text=True, cwd=ROOT)
+    with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:      # a file: megatron's writers spawn
+        f.write(code)
+    try:
+        r = subprocess.run([sys.executable, f.name, *map(str, argv)], capture_output=True, text=True, cwd=ROOT)
+    finally:
+        os.remove(f.name)
     if r.returncode:
         raise SystemExit(f"failed ({argv[0]}):\n{r.stderr[-3000:]}")
     return r.stdout
@@ -75,9 +118,36 @@ def _git(*args):
     return subprocess.run(["git", *args], capture_output=True, text=True, cwd=ROOT).stdout.strip()
 
 
+TINY = dict(layers=2, hidden=128, ffn=256, heads=4, kv_heads=2, vocab=1000)
+
+
+def measure(out: str, shape: dict, max_shard_size: str) -> dict:
+    """Make the model ``shape`` describes under ``out``, import and export it; peaks above the baselines."""
+    hf, mg, back = (os.path.join(out, x) for x in ("hf", "mg", "back"))
+    t0 = time.time()
+    params = int(_run(MAKE, hf, *(shape[k] for k in ("layers", "hidden", "ffn", "heads", "kv_heads", "vocab")))
+                 .split()[-1])
+    model = dict(shape, params=params, dtype="bfloat16", weights_bytes=params * 2, make_s=time.time() - t0,
+                 safetensors_file_bytes=sum(os.path.getsize(os.path.join(hf, f)) for f in os.listdir(hf)
+                                            if f.endswith(".safetensors")))
+    results = {}
+    for what, src, dst in (("import", hf, mg), ("export", mg, back)):
+        r = json.loads(_run(MEASURE, what, src, dst, max_shard_size).split("RESULT ", 1)[1])
+        if os.path.realpath(r.pop("code")) != os.path.realpath(ROOT):
+            raise SystemExit(f"the conversion ran another checkout's megatron_moba, not {ROOT}'s: install this one "
+                             "or set PYTHONPATH")
+        # the larger of the process's own peak (VmHWM, exact) and the sampled peak of it and its children
+        over = max(r["peak_bytes"] - r["baseline_bytes"], r["peak_tree_pss_bytes"] - r["baseline_tree_pss_bytes"])
+        results[what] = dict(r, peak_over_baseline_bytes=over, ratio_to_weights=over / model["weights_bytes"])
+        print(f"{params:,} parameters, {what}: peak {over / 1e9:.3f} GB above a baseline of "
+              f"{r['baseline_bytes'] / 1e9:.3f} GB = {over / model['weights_bytes']:.2f} x the weights "
+              f"({model['weights_bytes'] / 1e9:.3f} GB); {r['wall_s']:.0f} s", flush=True)
+    return {"model": model, "results": results}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="scratch directory (HF model, checkpoint, export)")
+    p.add_argument("--out", required=True, help="scratch directory (HF models, checkpoints, exports)")
     p.add_argument("--json", default=None)
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--hidden", type=int, default=1024)
@@ -85,39 +155,38 @@ def main(argv=None):
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--max-shard-size", default="5GB", help="of the export (as tools/convert_hf_checkpoint.py)")
     a = p.parse_args(argv)
     if os.path.exists(a.out) and os.listdir(a.out):
         p.error(f"--out {a.out} is not empty")
-    hf, mg, back = (os.path.join(a.out, x) for x in ("hf", "mg", "back"))
-    t0 = time.time()
-    params = int(_run(MAKE, hf, a.layers, a.hidden, a.ffn, a.heads, a.kv_heads, a.vocab).split()[-1])
-    make_s = time.time() - t0
-    weights = sum(os.path.getsize(os.path.join(hf, f)) for f in os.listdir(hf) if f.endswith(".safetensors"))
-    tensor_bytes = params * 2
-    results = {}
-    for what, src, dst in (("import", hf, mg), ("export", mg, back)):
-        r = json.loads(_run(MEASURE, what, src, dst).split("RESULT ", 1)[1])
-        over = r["peak_bytes"] - r["baseline_bytes"]
-        results[what] = dict(r, peak_over_baseline_bytes=over, ratio_to_weights=over / tensor_bytes,
-                             predicted_8b_gb=over / tensor_bytes * LLAMA_31_8B_PARAMS * 2 / 1e9)
-        print(f"{what}: peak {over / 1e9:.3f} GB above a baseline of {r['baseline_bytes'] / 1e9:.3f} GB = "
-              f"{over / tensor_bytes:.2f} x the weights ({tensor_bytes / 1e9:.3f} GB); for Llama-3.1-8B: "
-              f"{results[what]['predicted_8b_gb']:.1f} GB; {r['wall_s']:.0f} s")
+    shape = dict(layers=a.layers, hidden=a.hidden, ffn=a.ffn, heads=a.heads, kv_heads=a.kv_heads, vocab=a.vocab)
+    main_run = measure(os.path.join(a.out, "model"), shape, a.max_shard_size)
+    tiny_run = measure(os.path.join(a.out, "tiny"), TINY, a.max_shard_size)
+    w8b = LLAMA_31_8B_PARAMS * 2
+    prediction = {"params": LLAMA_31_8B_PARAMS, "weights_gb": w8b / 1e9}
+    for what in ("import", "export"):
+        big, small = main_run["results"][what], tiny_run["results"][what]
+        wb, ws = main_run["model"]["weights_bytes"], tiny_run["model"]["weights_bytes"]
+        slope = (big["peak_over_baseline_bytes"] - small["peak_over_baseline_bytes"]) / (wb - ws)
+        fixed = big["peak_over_baseline_bytes"] - slope * wb
+        prediction[what] = {
+            "bytes_per_weight_byte": slope, "fixed_gb": fixed / 1e9, "predicted_gb": (fixed + slope * w8b) / 1e9,
+            "predicted_ratio": (fixed + slope * w8b) / w8b,
+            "ratio_at_measured_size_gb": big["ratio_to_weights"] * w8b / 1e9}
+        print(f"Llama-3.1-8B {what}: {fixed / 1e9:.2f} GB + {slope:.2f} x {w8b / 1e9:.2f} GB = "
+              f"{(fixed + slope * w8b) / 1e9:.1f} GB above the baseline ({(fixed + slope * w8b) / w8b:.2f} x the "
+              f"weights; the measured model's ratio alone: {big['ratio_to_weights'] * w8b / 1e9:.1f} GB)")
     import megatron.core
     import safetensors
     import torch
     import transformers
     report = {
-        "what": "peak resident memory of tools/convert_hf_checkpoint.py import/export above the process's baseline "
-                "(torch, megatron-core, transformers imported, process group set up), against the HF weights' bytes",
-        "model": dict(params=params, dtype="bfloat16", layers=a.layers, hidden=a.hidden, ffn=a.ffn, heads=a.heads,
-                      kv_heads=a.kv_heads, vocab=a.vocab, weights_bytes=tensor_bytes, safetensors_file_bytes=weights,
-                      made_by=f"transformers {transformers.__version__} LlamaForCausalLM, save_pretrained",
-                      make_s=make_s),
-        "results": results,
-        "prediction_8b": {"params": LLAMA_31_8B_PARAMS, "weights_gb": LLAMA_31_8B_PARAMS * 2 / 1e9,
-                          "import_gb": results["import"]["predicted_8b_gb"],
-                          "export_gb": results["export"]["predicted_8b_gb"]},
+        "what": "peak memory of tools/convert_hf_checkpoint.py import/export above the process's baseline (torch, "
+                "megatron-core, transformers imported, process group set up), against the HF weights' bytes; the 8B "
+                "prediction fits fixed + slope x weights through the measured model and a tiny one",
+        "export_max_shard_size": a.max_shard_size,
+        "made_by": f"transformers {transformers.__version__} LlamaForCausalLM (random, bf16), save_pretrained",
+        "measured": main_run, "tiny": tiny_run, "prediction_8b": prediction,
         "provenance": {"commit": _git("rev-parse", "HEAD"), "clean": _git("status", "--porcelain") == "",
                        "python": platform.python_version(), "torch": torch.__version__,
                        "megatron_core": megatron.core.__version__, "transformers": transformers.__version__,

@@ -254,6 +254,7 @@ def _build(cfg: dict, extra_flags=(), world_size: int = 1, hybrid: bool = False,
     flags += ["--seq-length", str(a.max_positions), "--train-iters", "1", "--mock-data", "--vocab-size", str(a.vocab),
               *_dtype_flags(dtype), *extra_flags]
     args = parse_args(flags, world_size=world_size, cuda=False)
+    args.skip_weight_init = True          # every weight is loaded: no random initialization (time, memory)
     model = build_model(args, SimpleNamespace(vocab_size=a.vocab))      # the model's rows, not a tokenizer's
     return model, args
 
@@ -444,8 +445,23 @@ def export_from_checkpoint(load_dir: str, out_dir: str, hf_config=None, replace_
     return {"weights": files, "dtype": name, "side_files": side, "tokenizer_source": tokenizer_source}
 
 
+def release_freed_memory() -> None:
+    """Make glibc hand large freed blocks back to the system at once (mallopt M_MMAP_THRESHOLD 1 MiB,
+    M_TRIM_THRESHOLD 0): a conversion frees one tensor-sized block after another, which glibc's dynamic
+    threshold would otherwise keep in the heap, adding to the peak.  No effect without glibc."""
+    import ctypes
+    import ctypes.util
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)         # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 0)               # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _single_process() -> None:
     """One process (TP = PP = CP = 1): the parallel state the conversions build their model in."""
+    release_freed_memory()
     from megatron_moba.training.parallel import initialize_distributed
     initialize_distributed(SimpleNamespace(tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                                            context_parallel_size=1, seed=0))

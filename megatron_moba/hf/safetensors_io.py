@@ -6,8 +6,8 @@ tensor), so an import holds one HF tensor at a time besides the model it fills.
 
 ``save_sharded`` writes ``model.safetensors`` (one shard) or ``model-0000i-of-0000n.safetensors`` with
 ``model.safetensors.index.json`` (``metadata.total_size``, ``weight_map``), each shard at most
-``max_shard_size`` bytes (a tensor larger than that gets a shard of its own), producing the tensors of
-one shard at a time.
+``max_shard_size`` bytes (a tensor larger than that gets a shard of its own), making and writing one
+tensor at a time.
 """
 from __future__ import annotations
 
@@ -118,11 +118,40 @@ def plan_shards(sizes: Iterable[Tuple[str, int]], max_shard_size: int) -> List[L
     return shards
 
 
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+def write_safetensors(path: str, names: List[str], shapes: Dict[str, tuple], dtype: torch.dtype,
+                      make: Callable[[str], torch.Tensor], metadata: Dict[str, str]) -> None:
+    """A safetensors file of ``names`` (in order), each made by ``make(name)``, cast to ``dtype`` and written
+    at once, so that one tensor at a time is held (safetensors' own ``save_file`` copies every tensor of the
+    file to bytes first).  The layout is the format's: an 8-byte little-endian header length, the JSON
+    header (padded with spaces to a multiple of 8 bytes), then the tensors' bytes in header order."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    header, offset = {"__metadata__": metadata}, 0
+    for name in names:
+        size = _numel(shapes[name]) * itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shapes[name]), "data_offsets": [offset,
+                                                                                                    offset + size]}
+        offset += size
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        for name in names:
+            t = make(name)
+            if tuple(t.shape) != tuple(shapes[name]):
+                raise ValueError(f"{name}: made shape {tuple(t.shape)}, expected {tuple(shapes[name])}")
+            t = t.detach().to("cpu", dtype).contiguous()
+            f.write(t.view(torch.uint8).reshape(-1).numpy().data if t.numel() else b"")
+            del t
+
+
 def save_sharded(producers: Dict[str, Tuple[tuple, Callable[[], torch.Tensor]]], out_dir: str, dtype: torch.dtype,
                  max_shard_size) -> List[str]:
     """Write the tensors ``producers`` names ({name: (shape, make)}, made one shard at a time and cast to
     ``dtype``) as transformers' ``save_pretrained`` shards them; returns the files written."""
-    from safetensors.torch import save_file
     itemsize = torch.empty((), dtype=dtype).element_size()
     sizes = [(name, _numel(shape) * itemsize) for name, (shape, _) in producers.items()]
     shards = plan_shards(sizes, parse_size(max_shard_size))
@@ -133,16 +162,11 @@ def save_sharded(producers: Dict[str, Tuple[tuple, Callable[[], torch.Tensor]]],
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
+    shapes = {name: shape for name, (shape, _) in producers.items()}
     for file, shard in zip(names, shards):
-        tensors = {}
-        for name in shard:
-            t = producers[name][1]()
-            if tuple(t.shape) != tuple(producers[name][0]):
-                raise ValueError(f"{name}: made shape {tuple(t.shape)}, expected {tuple(producers[name][0])}")
-            tensors[name] = t.to(dtype).contiguous()
-            weight_map[name] = file
-        save_file(tensors, os.path.join(out_dir, file), metadata={"format": "pt"})
-        del tensors
+        write_safetensors(os.path.join(out_dir, file), shard, shapes, dtype, lambda n: producers[n][1](),
+                          {"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, file))
     if len(shards) > 1:
         with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
             json.dump({"metadata": {"total_size": sum(s for _, s in sizes)}, "weight_map": weight_map}, f, indent=2)

@@ -179,6 +179,8 @@ def config_fields(args) -> dict:
     fields["attention_backend"] = AttnBackend[getattr(args, "attention_backend", "auto")]
     if getattr(args, "context_parallel_size", 1) > 1:
         fields["cp_comm_type"] = getattr(args, "cp_comm_type", "p2p")
+    if getattr(args, "skip_weight_init", False):      # set by the HF conversions: every weight is overwritten
+        fields["perform_initialization"] = False
     return fields
 
 
