@@ -3,7 +3,7 @@
 Megatron-LM command lines (its Llama examples) run with the job after adding ``--attention moba`` and
 the MoBA flags.  Each Megatron-LM flag the job takes falls in one of three kinds:
 
-* implemented, doing what Megatron-LM does: ``--transformer-impl``, ``--attention-backend``,
+* implemented, doing what Megatron-LM does: ``--overlap-param-gather``, ``--transformer-impl``, ``--attention-backend``,
   ``--cp-comm-type`` (the full-attention layers; MoBA layers keep their own context parallelism),
   ``--distributed-timeout-minutes``, ``--manual-gc``/``--manual-gc-interval``/``--no-manual-gc-eval``,
   ``--ckpt-format torch_dist``, and megatron-core's kernel fusions, on by default on CUDA (where their
@@ -35,8 +35,6 @@ ACCEPTED = {
 # Megatron-LM flags for features the job does not have: refused, naming the flag.
 REFUSED = {
     "--async-save": "asynchronous checkpoint saving is not implemented by this job yet (saves are synchronous)",
-    "--overlap-param-gather": "overlapping the distributed optimizer's parameter all-gather with the forward is "
-                              "not implemented by this job yet (the all-gather follows the optimizer step)",
     "--fp8-format": "FP8 training is not implemented by this job",
     "--fp8-param-gather": "FP8 training is not implemented by this job",
     "--train-samples": "the job counts training in iterations: give --train-iters",
@@ -90,6 +88,10 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    "evaluations and checkpoints")
     g.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
                    help="with --manual-gc: no collection around evaluations")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the distributed optimizer's parameter all-gather with the next forward (megatron-core "
+                        "DDP's forward pre-hooks; parameters are gathered in full before saves and evaluations); "
+                        "needs --use-distributed-optimizer and --overlap-grad-reduce, as in Megatron-LM")
     g.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist",
                    help="checkpoint format: torch_dist only (megatron-core dist_checkpointing)")
     for field, flag in FUSIONS:
@@ -137,6 +139,10 @@ def check_flags(args, cuda: bool) -> None:
         begin, end = args.train_data_slice
         if not 0.0 <= begin < end <= 1.0:
             raise ValueError(f"--train-data-slice {begin} {end}: need 0 <= BEGIN < END <= 1")
+    if args.overlap_param_gather and not (args.optimizer_impl == "megatron" and args.use_distributed_optimizer
+                                          and args.overlap_grad_reduce):
+        raise ValueError("--overlap-param-gather needs --optimizer-impl megatron with --use-distributed-optimizer and "
+                         "--overlap-grad-reduce")
     args.fusions, args.fusions_off = resolve_fusions(args, cuda)
     if args.cross_entropy_loss_fusion and not cuda:
         raise ValueError("--cross-entropy-loss-fusion needs CUDA")

@@ -18,6 +18,7 @@ for dist_checkpointing.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -60,6 +61,10 @@ class TorchOptimizer:
     @property
     def param_groups(self):     # a property: loading a state dict replaces the optimizer's groups
         return self.optimizer.param_groups
+
+    def params_gathered(self):
+        """The parameters are always whole here (see MegatronOptimizer.params_gathered)."""
+        return contextlib.nullcontext()
 
     def zero_grad(self):
         self.optimizer.zero_grad(set_to_none=False)
@@ -125,7 +130,8 @@ class MegatronOptimizer:
             model = Float16Module(config, model)        # bf16/fp16 weights; fp32 logits out of the last stage
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=args.overlap_grad_reduce,
-            use_distributed_optimizer=args.use_distributed_optimizer, check_for_nan_in_grad=False)
+            use_distributed_optimizer=args.use_distributed_optimizer, check_for_nan_in_grad=False,
+            overlap_param_gather=bool(getattr(args, "overlap_param_gather", False)))
         self.model = DistributedDataParallel(config, ddp_config, module=model)
         self.optimizer = get_megatron_optimizer(OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
@@ -140,6 +146,19 @@ class MegatronOptimizer:
         config.finalize_model_grads_func = finalize_model_grads
         if self.fp16:               # the schedules scale each micro-batch's loss before its backward
             config.grad_scale_func = self.optimizer.scale_loss
+
+    @contextlib.contextmanager
+    def params_gathered(self):
+        """--overlap-param-gather: the model's parameters all-gathered in full (the forward pre-hooks off)
+        for what reads them outside a training forward (checkpoint saves, evaluation), as Megatron-LM."""
+        if not self.model.ddp_config.overlap_param_gather:
+            yield
+            return
+        self.model.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            self.model.enable_forward_pre_hook()
 
     @property
     def loss_scale(self):

@@ -341,7 +341,8 @@ class Trainer:
             self.gc.step(self.iteration)
             if a.eval_interval and self.iteration % a.eval_interval == 0:
                 self.gc.before_eval()
-                val = self.evaluate()
+                with self.optimizer.params_gathered():        # --overlap-param-gather
+                    val = self.evaluate()
                 _log(f"iteration {self.iteration:>6} | validation loss {val:.4f}")
                 self.record({"valid_loss": val})
             minutes = (time.time() - self.start_time) / 60
@@ -353,7 +354,8 @@ class Trainer:
             if a.save and (stop or (a.save_interval and self.iteration % a.save_interval == 0)
                            or self.iteration == a.train_iters):
                 self.gc.before_save()
-                self.save()
+                with self.optimizer.params_gathered():
+                    self.save()
             if stop:
                 why = ((self.stop_signal or "a signal on another rank") if signalled
                        else f"--exit-duration-in-mins {a.exit_duration_in_mins:g}" if out_of_time
