@@ -148,9 +148,12 @@ def _rng_object(rank: int, world: int, state=None) -> ShardedObject:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, consumed_samples: int, args=None,
-                    extra: Optional[dict] = None):
+                    extra: Optional[dict] = None, async_queue=None):
     """Save, atomically (see the module docstring).  With ``optimizer``/``scheduler`` None only the
-    weights are saved (a checkpoint for ``--finetune``, e.g. an imported one)."""
+    weights are saved (a checkpoint for ``--finetune``, e.g. an imported one).  With ``async_queue``
+    (megatron-core's ``AsyncCallsQueue``; --async-save) the tensors are written by a background process
+    and the checkpoint is published (renamed into place, named by latest_checkpointed_iteration.txt)
+    when the queue finalizes the save, on every rank."""
     final = checkpoint_dir(root, iteration)
     tmp = final + ".tmp"
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -168,9 +171,21 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
         state["optimizer_impl"], state["optimizer_sharding"] = optimizer.impl, optimizer.sharding
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
+    if async_queue is not None:
+        request = dist_checkpointing.save(state, tmp, async_sharded_save=True)
+        request.add_finalize_fn(lambda: _publish(root, tmp, final, iteration))
+        async_queue.schedule_async_request(request)
+        return final
     dist_checkpointing.save(state, tmp)
+    _publish(root, tmp, final, iteration)
+    return final
+
+
+def _publish(root: str, tmp: str, final: str, iteration: int) -> None:
+    """Every rank's part of checkpoint ``tmp`` written: rename it into place and name it in
+    latest_checkpointed_iteration.txt (rank 0), between barriers."""
     dist.barrier()
-    if rank == 0:
+    if dist.get_rank() == 0:
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -181,7 +196,6 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, cons
             os.fsync(f.fileno())
         os.replace(latest_tmp, os.path.join(root, LATEST))
     dist.barrier()
-    return final
 
 
 def _check_optimizer_layout(path: str, common: dict) -> None:

@@ -3,14 +3,15 @@
 Megatron-LM command lines (its Llama examples) run with the job after adding ``--attention moba`` and
 the MoBA flags.  Each Megatron-LM flag the job takes falls in one of three kinds:
 
-* implemented, doing what Megatron-LM does: ``--overlap-param-gather``, ``--transformer-impl``, ``--attention-backend``,
+* implemented, doing what Megatron-LM does: ``--async-save``, ``--overlap-param-gather``, ``--transformer-impl``,
+  ``--attention-backend``,
   ``--cp-comm-type`` (the full-attention layers; MoBA layers keep their own context parallelism),
   ``--distributed-timeout-minutes``, ``--manual-gc``/``--manual-gc-interval``/``--no-manual-gc-eval``,
   ``--ckpt-format torch_dist``, and megatron-core's kernel fusions, on by default on CUDA (where their
   kernels are installed) with Megatron-LM's ``--no-...-fusion`` flags to switch them off;
 * accepted and logged, where they cannot change anything here (``--use-mcore-models``: the job only has
   megatron-core models; ``--group-query-attention``: implied by ``--num-query-groups``; ...);
-* refused naming the flag, for features the job does not have (``--fp8-format``, ``--async-save`` ...):
+* refused naming the flag, for features the job does not have (``--fp8-format``, ``--num-experts`` ...):
   never silently ignored.
 
 ``--train-data-slice BEGIN END`` (the job's own) trains on that fraction of the training split's
@@ -34,7 +35,6 @@ ACCEPTED = {
 }
 # Megatron-LM flags for features the job does not have: refused, naming the flag.
 REFUSED = {
-    "--async-save": "asynchronous checkpoint saving is not implemented by this job yet (saves are synchronous)",
     "--fp8-format": "FP8 training is not implemented by this job",
     "--fp8-param-gather": "FP8 training is not implemented by this job",
     "--train-samples": "the job counts training in iterations: give --train-iters",
@@ -92,6 +92,9 @@ def add_flags(p: argparse.ArgumentParser) -> None:
                    help="overlap the distributed optimizer's parameter all-gather with the next forward (megatron-core "
                         "DDP's forward pre-hooks; parameters are gathered in full before saves and evaluations); "
                         "needs --use-distributed-optimizer and --overlap-grad-reduce, as in Megatron-LM")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background process (megatron-core's asynchronous dist_checkpointing); "
+                        "training goes on once the tensors are staged, the checkpoint is published when written")
     g.add_argument("--ckpt-format", choices=CKPT_FORMATS, default="torch_dist",
                    help="checkpoint format: torch_dist only (megatron-core dist_checkpointing)")
     for field, flag in FUSIONS:
@@ -139,6 +142,8 @@ def check_flags(args, cuda: bool) -> None:
         begin, end = args.train_data_slice
         if not 0.0 <= begin < end <= 1.0:
             raise ValueError(f"--train-data-slice {begin} {end}: need 0 <= BEGIN < END <= 1")
+    if args.async_save and not args.save:
+        raise ValueError("--async-save needs --save")
     if args.overlap_param_gather and not (args.optimizer_impl == "megatron" and args.use_distributed_optimizer
                                           and args.overlap_grad_reduce):
         raise ValueError("--overlap-param-gather needs --optimizer-impl megatron with --use-distributed-optimizer and "

@@ -161,6 +161,10 @@ class Trainer:
         self.step_fn = partial(forward_step, eod=self.tokenizer.eod, document_attention=args.document_attention)
         self.stop_requested, self.stop_signal = False, None
         self.gc = megatron_lm_flags.ManualGC(args)
+        self.async_queue, self.pending_saves = None, {}
+        if getattr(args, "async_save", False):
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+            self.async_queue = AsyncCallsQueue()       # forked writers (a snapshot of the staged tensors)
         if self.iteration and dist.get_rank() == 0:     # a resume: drop what a crashed run logged after its save
             dropped = drop_metrics_after(args.metrics_file, self.iteration)
             if dropped:
@@ -212,9 +216,28 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def save(self):
+        t0 = time.perf_counter()
         save_checkpoint(self.args.save, self.iteration, self.model, self.optimizer, self.scheduler,
-                        self.train_batches.consumed, self.args, extra=self.carried)
-        _log(f"saved checkpoint at iteration {self.iteration} to {self.args.save}")
+                        self.train_batches.consumed, self.args, extra=self.carried, async_queue=self.async_queue)
+        stall = time.perf_counter() - t0          # what training waited for
+        if self.async_queue is None:
+            _log(f"saved checkpoint at iteration {self.iteration} to {self.args.save} (training stalled {stall:.2f} s)")
+        else:
+            self.pending_saves[self.iteration] = time.perf_counter()
+            _log(f"saving checkpoint at iteration {self.iteration} to {self.args.save} in the background (--async-save;"
+                 f" training stalled {stall:.2f} s)")
+
+    def finalize_saves(self, blocking: bool = False) -> None:
+        """--async-save: publish the background saves that are done (all of them with ``blocking``); every
+        rank calls this at the same steps."""
+        if self.async_queue is None:
+            return
+        done = self.async_queue.maybe_finalize_async_calls(blocking=blocking)
+        for _ in done:
+            iteration = min(self.pending_saves)
+            began = self.pending_saves.pop(iteration)
+            _log(f"checkpoint at iteration {iteration} written to {self.args.save} "
+                 f"({time.perf_counter() - began:.2f} s after it was staged)")
 
     def record(self, values: dict):
         if self.metrics:
@@ -236,7 +259,9 @@ class Trainer:
             handlers = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             with self.gc:                       # --manual-gc (nothing without it)
-                return self._loop()
+                losses = self._loop()
+            self.finalize_saves(blocking=True)  # --async-save: the last checkpoints are published before exit
+            return losses
         finally:
             for sig, handler in handlers.items():
                 signal.signal(sig, handler)
@@ -339,6 +364,7 @@ class Trainer:
                 self.record(m)
                 step_time, steps_timed, skipped = 0.0, 0, 0
             self.gc.step(self.iteration)
+            self.finalize_saves()
             if a.eval_interval and self.iteration % a.eval_interval == 0:
                 self.gc.before_eval()
                 with self.optimizer.params_gathered():        # --overlap-param-gather

@@ -23,12 +23,12 @@ LLAMA3_8B = """
 --tensor-model-parallel-size 8 --context-parallel-size 8 --cp-comm-type a2a --sequence-parallel
 --micro-batch-size 1 --global-batch-size 64 --train-iters 1000
 --lr 2e-5 --min-lr 2e-6 --lr-decay-style cosine --lr-warmup-iters 50 --weight-decay 0.1 --clip-grad 1.0
---adam-beta1 0.9 --adam-beta2 0.95 --bf16 --use-distributed-optimizer --overlap-grad-reduce
+--adam-beta1 0.9 --adam-beta2 0.95 --bf16 --use-distributed-optimizer --overlap-grad-reduce --overlap-param-gather
 --manual-gc --manual-gc-interval 100
 --data-path 0.7 data/web_text_document 0.3 data/books_text_document --split 99,1,0
 --tokenizer-type HuggingFaceTokenizer --tokenizer-model meta-llama/Llama-3.1-8B --vocab-size 128256
 --log-interval 1 --log-throughput --eval-interval 100 --eval-iters 10
---save ckpt --load ckpt --save-interval 500 --ckpt-format torch_dist --distributed-timeout-minutes 60
+--save ckpt --load ckpt --save-interval 500 --ckpt-format torch_dist --async-save --distributed-timeout-minutes 60
 --tensorboard-dir tb
 --attention moba --moba-chunk-size 4096 --moba-topk 12 --moba-full-attn-layers 3
 """
@@ -40,6 +40,7 @@ def test_llama3_8b_megatron_lm_command_line_parses():
     assert (args.num_query_groups, args.kv_channels, args.rotary_base, args.use_rope_scaling) == (8, 128, 500000, True)
     assert (args.optimizer_impl, args.use_distributed_optimizer, args.overlap_grad_reduce) == ("megatron", True, True)
     assert (args.manual_gc, args.manual_gc_interval, args.distributed_timeout_minutes) == (True, 100, 60)
+    assert args.async_save and args.overlap_param_gather and args.ckpt_format == "torch_dist"
     assert (args.attention, args.moba_chunk_size, args.moba_topk, args.moba_full_attn_layers) == ("moba", 4096, 12, 3)
     assert (args.transformer_impl, args.attention_backend, args.cp_comm_type) == ("local", "fused", "a2a")
     # on CUDA Megatron-LM's fusions are on unless switched off; those whose kernels are absent are off, said why
@@ -74,6 +75,8 @@ def test_features_the_job_lacks_are_refused_naming_the_flag(flag, capsys):
 
 
 @pytest.mark.parametrize("extra,text", [
+    (["--async-save"], "--async-save needs --save"),
+    (["--overlap-param-gather"], "--overlap-param-gather needs --optimizer-impl megatron with"),
     (["--rotary-percent", "0.5"], "--rotary-percent 0.5: partial rotary embeddings are not implemented"),
     (["--ckpt-format", "torch"], "--ckpt-format torch: the job saves megatron-core dist_checkpointing"),
     (["--make-vocab-size-divisible-by", "64"], "--make-vocab-size-divisible-by 64: the job pads the vocabulary"),
@@ -127,3 +130,21 @@ def test_manual_gc_collects_only_when_asked():
         off.step(3)
         off.before_save()
         assert off.collections == 0
+
+
+def test_async_save_publishes_checkpoints_that_resume_exactly(tmp_path):
+    """--async-save: megatron-core's background writer; the checkpoints (iterations 2 and 3, the last published
+    before the job exits) resume to the losses of an uninterrupted run, bit for bit."""
+    import os
+
+    from megatron_moba.training.checkpointing import checkpoint_dir, read_latest
+    ckpt = str(tmp_path / "ckpt")
+    straight = mc.run_distributed(mc.run_pretrain, mc.TINY)[0]
+    first = mc.run_distributed(mc.run_pretrain, mc.TINY + ["--async-save", "--save", ckpt, "--save-interval", "2",
+                                                           "--exit-interval", "3"])[0]
+    assert read_latest(ckpt) == 3 and os.path.isdir(checkpoint_dir(ckpt, 2))
+    assert not [d for d in os.listdir(ckpt) if d.endswith(".tmp")]
+    second = mc.run_distributed(mc.run_pretrain, mc.TINY + ["--load", ckpt])[0]
+    assert first + second == straight
+    resumed_at_2 = mc.run_distributed(mc.run_pretrain, mc.TINY + ["--load", ckpt, "--ckpt-step", "2"])[0]
+    assert first[:2] + resumed_at_2 == straight
