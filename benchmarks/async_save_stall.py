@@ -46,6 +46,8 @@ def main(argv=None):
             "--seq-length", "128", "--moba-chunk-size", "32", "--moba-topk", "2", "--micro-batch-size", "1",
             "--train-iters", str(a.iters), "--mock-data", "--vocab-size", "1024", "--normalization", "RMSNorm",
             "--swiglu", "--disable-bias-linear", "--log-interval", "1", "--save-interval", str(a.save_interval)]
+    git = [subprocess.run(["git", *c], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+           for c in (["rev-parse", "HEAD"], ["status", "--porcelain"])]       # the code as it ran
     results = {}
     for mode, extra in (("sync", []), ("async", ["--async-save"])):
         stalls, written, params = _run(base + ["--save", os.path.join(a.out, mode)] + extra)
@@ -59,10 +61,7 @@ def main(argv=None):
               "params": params, "checkpoint_bytes": size, "results": results,
               "async_over_sync_stall": results["async"]["mean_stall_s"] / results["sync"]["mean_stall_s"],
               "device": "cuda" if torch.cuda.is_available() else "cpu",
-              "provenance": {"commit": subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                                                      cwd=ROOT).stdout.strip(),
-                             "clean": subprocess.run(["git", "status", "--porcelain"], capture_output=True, text=True,
-                                                     cwd=ROOT).stdout.strip() == "",
+              "provenance": {"commit": git[0], "clean_at_start": git[1] == "",
                              "python": platform.python_version(), "torch": torch.__version__,
                              "megatron_core": megatron.core.__version__, "cpus": os.cpu_count(),
                              "platform": platform.platform()}}

@@ -159,6 +159,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if os.path.exists(a.out) and os.listdir(a.out):
         p.error(f"--out {a.out} is not empty")
+    commit, clean = _git("rev-parse", "HEAD"), _git("status", "--porcelain") == ""     # the code as it ran
     shape = dict(layers=a.layers, hidden=a.hidden, ffn=a.ffn, heads=a.heads, kv_heads=a.kv_heads, vocab=a.vocab)
     main_run = measure(os.path.join(a.out, "model"), shape, a.max_shard_size)
     tiny_run = measure(os.path.join(a.out, "tiny"), TINY, a.max_shard_size)
@@ -187,7 +188,7 @@ def main(argv=None):
         "export_max_shard_size": a.max_shard_size,
         "made_by": f"transformers {transformers.__version__} LlamaForCausalLM (random, bf16), save_pretrained",
         "measured": main_run, "tiny": tiny_run, "prediction_8b": prediction,
-        "provenance": {"commit": _git("rev-parse", "HEAD"), "clean": _git("status", "--porcelain") == "",
+        "provenance": {"commit": commit, "clean_at_start": clean,
                        "python": platform.python_version(), "torch": torch.__version__,
                        "megatron_core": megatron.core.__version__, "transformers": transformers.__version__,
                        "safetensors": safetensors.__version__, "machine": platform.machine(),
