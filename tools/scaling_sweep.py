@@ -100,6 +100,9 @@ def main(argv=None) -> int:
         sweep.train_locally(runs, desc, sys.executable)
         from megatron_moba.training.compat import apply_patches
         apply_patches("torch")          # the evaluation, without CUDA: megatron-core's CPU shim
+        if desc["curve"]["points"]:
+            from megatron_moba.eval.sweep.curves import summarize_curves
+            summarize_curves(runs, desc, out)
         sweep.summarize(runs, desc, out)
         if args.publish:
             sweep.publish(runs, desc, out, args.publish)

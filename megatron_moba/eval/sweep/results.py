@@ -20,39 +20,61 @@ from megatron_moba.eval.sweep.plan import PFLOPS_DAY, Run, data_paths
 RESULT_FORMAT = 2        # RUN/positional_loss.json's layout (2: with per-document sums); older caches are redone
 
 
-def evaluate_runs(runs: List[Run], desc: dict, out: str, log=print) -> list:
-    """Positional loss of every run's final checkpoint (cached in RUN/positional_loss.json)."""
-    from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
-    e, eval_prefix = desc["eval"], data_paths(desc, os.path.abspath(out))["eval"]
-    settings = dict(data=eval_prefix, seq_length=desc["seq_length"], bucket_width=e["bucket_width"],
-                    trailing_tokens=e["trailing_tokens"], num_docs=e["num_docs"], format=RESULT_FORMAT)
-    docs, results = None, []
-    threads = desc["launch"]["env"].get("OMP_NUM_THREADS")
-    if threads:                                  # the runs' thread count applies to their evaluation too
-        import torch
-        torch.set_num_threads(int(threads))
-    for r in runs:
-        if not r.done():
-            raise ValueError(f"run {r.name} has no final checkpoint (iteration {r.train_iters}) in {r.checkpoint}")
-        path = os.path.join(r.directory, "positional_loss.json")
-        settings.update(iteration=r.train_iters, saved=os.path.getmtime(r.latest) if os.path.exists(r.latest) else None)
-        cached = {}
+class Evaluator:
+    """Positional loss of a run's checkpoint at one iteration, cached in a JSON file beside it and
+    recomputed only when the checkpoint or the evaluation settings change.  The held-out documents
+    are read once, at the first evaluation."""
+
+    def __init__(self, desc: dict, out: str, log=print):
+        e = desc["eval"]
+        self.desc, self.log, self.docs = desc, log, None
+        self.prefix = data_paths(desc, os.path.abspath(out))["eval"]
+        self.base = dict(data=self.prefix, seq_length=desc["seq_length"], bucket_width=e["bucket_width"],
+                         trailing_tokens=e["trailing_tokens"], num_docs=e["num_docs"], format=RESULT_FORMAT)
+        if e["min_tokens"] != 2:                 # (the default keeps the caches of earlier sweeps valid)
+            self.base["min_tokens"] = e["min_tokens"]
+        threads = desc["launch"]["env"].get("OMP_NUM_THREADS")
+        if threads:                              # the runs' thread count applies to their evaluation too
+            import torch
+            torch.set_num_threads(int(threads))
+
+    def __call__(self, run: Run, iteration: int, path: str) -> dict:
+        from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
+        from megatron_moba.training.checkpointing import checkpoint_dir
+        saved = checkpoint_dir(run.checkpoint, iteration)
+        if not os.path.isdir(saved):
+            raise ValueError(f"run {run.name} has no checkpoint of iteration {iteration} ({saved})")
+        final = iteration == run.train_iters
+        settings = dict(self.base, iteration=iteration, saved=os.path.getmtime(run.latest if final else saved))
         if os.path.isfile(path):
             with open(path) as f:
                 cached = json.load(f)
-        if cached.get("settings") == settings:
-            results.append(cached["result"])
-            continue
-        if docs is None:
-            docs = read_documents(eval_prefix, desc["seq_length"] + 1, e["num_docs"])
-        log(f"evaluating {r.name} on {len(docs)} documents of {eval_prefix}")
+            if cached.get("settings") == settings:
+                return cached["result"]
+        if self.docs is None:
+            e = self.desc["eval"]
+            self.docs = read_documents(self.prefix, self.desc["seq_length"] + 1, e["num_docs"], e["min_tokens"])
+        self.log(f"evaluating {run.name} at iteration {iteration} on {len(self.docs)} documents of {self.prefix}")
         t0 = time.time()
-        result = evaluate_checkpoint(r.checkpoint, docs, e["bucket_width"], e["trailing_tokens"],
-                                     micro_batch_size=e["micro_batch"], label=r.name)
+        e = self.desc["eval"]
+        result = evaluate_checkpoint(run.checkpoint, self.docs, e["bucket_width"], e["trailing_tokens"],
+                                     micro_batch_size=e["micro_batch"], label=run.name,
+                                     iteration=None if final else iteration)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(dict(settings=settings, result=result, wall_s=round(time.time() - t0, 1), **provenance()),
                       f, indent=1)
-        results.append(result)
+        return result
+
+
+def evaluate_runs(runs: List[Run], desc: dict, out: str, log=print, evaluator=None) -> list:
+    """Positional loss of every run's final checkpoint (cached in RUN/positional_loss.json)."""
+    evaluate = evaluator or Evaluator(desc, out, log)
+    results = []
+    for r in runs:
+        if not r.done():
+            raise ValueError(f"run {r.name} has no final checkpoint (iteration {r.train_iters}) in {r.checkpoint}")
+        results.append(evaluate(r, r.train_iters, os.path.join(r.directory, "positional_loss.json")))
     return results
 
 
