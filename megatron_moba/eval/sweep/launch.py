@@ -93,6 +93,7 @@ def start_hybrid(run: Run) -> bool:
     RNG), named by the hybrid's tracker.  False while that checkpoint does not exist yet; True when
     the hybrid already has a checkpoint of its own (a resume) or was given one."""
     import shutil
+
     from megatron_moba.training.checkpointing import checkpoint_dir, saved_iterations
     if os.path.isfile(run.latest):
         return True
