@@ -56,7 +56,8 @@ def test_learning_curves_and_hybrid_end_to_end_then_resume(tmp_path):
     assert ckpts["L1-H16-hybrid"] == [3, 6] and ckpts["L1-H32-hybrid"] == [4, 8]
     log = open(out / "runs" / "L1-H32-hybrid" / "train.log").read()
     assert ("was trained with --attention moba --moba-chunk-size 64 --moba-topk 8; this run continues it with "
-            "--attention full, keeping its weights, optimizer state, LR schedule, data position and random state") in log
+            "--attention full, keeping its weights, optimizer state, LR schedule, data position and random "
+            "state") in log
     for size, switch, iters in (("L1-H16", 3, 6), ("L1-H32", 4, 8)):
         moba, hybrid = _metrics(out, f"{size}-moba"), _metrics(out, f"{size}-hybrid")
         assert sorted(hybrid) == list(range(switch + 1, iters + 1))

@@ -172,8 +172,8 @@ def plot_curves(rows: List[dict], fits: dict, buckets: List[str], column: str, x
 
     from megatron_moba.eval.scaling_fit import COLORS, NAMES
     cols = min(4, len(buckets))
-    fig, axes = plt.subplots(math.ceil(len(buckets) / cols), cols, figsize=(4.6 * cols, 3.9 * math.ceil(len(buckets) / cols)),
-                             squeeze=False)
+    lines = math.ceil(len(buckets) / cols)
+    fig, axes = plt.subplots(lines, cols, figsize=(4.6 * cols, 3.9 * lines), squeeze=False)
     variants = [v for v in ("moba", "full", "hybrid") if any(r["variant"] == v for r in rows)]
     for ax, bucket in zip(axes.flat, buckets):
         here = [r for r in rows if r["bucket"] == bucket]
