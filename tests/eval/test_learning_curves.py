@@ -32,8 +32,8 @@ DESC = dict(name="curves", models=[dict(layers=1, hidden=16, heads=2, train_iter
             launch=dict(env=dict(OMP_NUM_THREADS="1")))
 
 
-def _sweep(path, out):
-    return subprocess.run([sys.executable, "tools/scaling_sweep.py", str(path), "--out", str(out)],
+def _sweep(path, out, *more):
+    return subprocess.run([sys.executable, "tools/scaling_sweep.py", str(path), "--out", str(out), *more],
                           capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore"))
 
 
@@ -112,10 +112,18 @@ def test_learning_curves_and_hybrid_end_to_end_then_resume(tmp_path):
     for png in ("curves_0-128.png", "curves_384-512.png", "curves_all.png", "curves_all_job_flops.png",
                 "curves_all_train_time.png"):
         assert os.path.getsize(out / png) > 10_000, png
-    again = _sweep(path, out)                                # nothing left to train or evaluate
+    dest = tmp_path / "published"
+    again = _sweep(path, out, "--publish", str(dest))        # nothing left to train or evaluate
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.count("final checkpoint exists, skipped") == 6 and "evaluating" not in again.stdout
     assert list(csv.DictReader(open(out / "curves.csv"))) == rows
+    summary = json.load(open(dest / "summary.json"))
+    docs = summary["evaluation_documents"]
+    assert docs["evaluated"] == 2 and docs["min_tokens"] == 513 and docs["reaching_min_tokens"] >= 2
+    assert summary["wall_s"]["evaluation"] > 0 and len(summary["runs"]) == 6
+    for name in ("curves.csv", "curve_fits.json", "fits_vs_paper.md", "ratios.json", "context.json",
+                 "curves_0-128.png", "curves_all_train_time.png", "metrics/L1-H32-hybrid.jsonl"):
+        assert os.path.isfile(dest / name), name
 
 
 def test_plan_of_curves_and_hybrid(tmp_path):

@@ -197,8 +197,22 @@ def summarize(runs: List[Run], desc: dict, out: str, log=print) -> List[str]:
     return [table, plot, pair] + paths + [path]
 
 
+CURVE_PUBLISHED = ["curves.csv", "curve_fits.json", "fits_vs_paper.md", "ratios.json", "context.json"]
 PUBLISHED = ("table.csv", "fits.json", "fits_job_flops.json", "comparison.json", "scaling.png", "scaling_job_flops.png",
              "positional.png", "positional_loss.png")
+
+
+def _eval_documents(desc: dict, out: str) -> dict:
+    """How many held-out documents there are, how many reach eval.min_tokens and how many are evaluated."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    e = desc["eval"]
+    dataset = IndexedDataset(data_paths(desc, os.path.abspath(out))["eval"])
+    lengths = np.array(dataset.sequence_lengths)          # a copy: the dataset's own array is a view of its mmap
+    long_enough = int((lengths >= e["min_tokens"]).sum())
+    return dict(held_out=int(len(lengths)), min_tokens=e["min_tokens"], reaching_min_tokens=long_enough,
+                evaluated=min(long_enough, e["num_docs"]), tokens_per_document=dict(
+                    min=int(lengths.min()), median=float(np.median(lengths)), max=int(lengths.max())))
 
 
 def publish(runs: List[Run], desc: dict, out: str, dest: str, log=print) -> str:
@@ -208,7 +222,10 @@ def publish(runs: List[Run], desc: dict, out: str, dest: str, log=print) -> str:
     times and tokens/s, the training and evaluation commits, versions and machine, and the wall time
     of the whole study.  Returns summary.json's path."""
     os.makedirs(os.path.join(dest, "metrics"), exist_ok=True)
-    for name in PUBLISHED:
+    names = list(PUBLISHED)
+    if desc["curve"]["points"]:                  # learning curves (sweep.curves.summarize_curves)
+        names += CURVE_PUBLISHED + sorted(f for f in os.listdir(out) if f.startswith("curves_") and f.endswith(".png"))
+    for name in names:
         shutil.copyfile(os.path.join(out, name), os.path.join(dest, name))
     data = None
     if os.path.isfile(data_info_path(desc, out)):
@@ -229,15 +246,24 @@ def publish(runs: List[Run], desc: dict, out: str, dest: str, log=print) -> str:
         per_run.append(meta)
     train_s = sum(m["wall_s"] for m in per_run)
     eval_s = sum(m["eval_wall_s"] or 0 for m in per_run)
+    curve_eval_s = 0.0
+    if desc["curve"]["points"]:        # the evaluations of the curves' other points (the final ones counted above)
+        for r in runs:
+            folder = os.path.join(r.directory, "curve")
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                with open(os.path.join(folder, name)) as f:
+                    curve_eval_s += json.load(f).get("wall_s") or 0.0
+        eval_s += curve_eval_s
     data_s = data["wall_s"] if data else 0.0
-    summary = dict(name=desc["name"], description=desc, data=data, runs=per_run,
+    summary = dict(name=desc["name"], description=desc, data=data, evaluation_documents=_eval_documents(desc, out),
+                   runs=per_run,
                    wall_s=dict(data=data_s, training=round(train_s, 1), evaluation=round(eval_s, 1),
                                total=round(data_s + train_s + eval_s, 1)),
                    published_by=provenance())
     path = os.path.join(dest, "summary.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1, default=str)
-    log(f"published {len(PUBLISHED)} files, {len(runs)} metrics files and {path}: study wall time "
+    log(f"published {len(names)} files, {len(runs)} metrics files and {path}: study wall time "
         f"{summary['wall_s']['total'] / 60:.1f} min (data {data_s:.0f} s, training {train_s:.0f} s, "
         f"evaluation {eval_s:.0f} s)")
     return path
