@@ -174,7 +174,8 @@ def plot_curves(rows: List[dict], fits: dict, buckets: List[str], column: str, x
     cols = min(4, len(buckets))
     lines = math.ceil(len(buckets) / cols)
     fig, axes = plt.subplots(lines, cols, figsize=(4.6 * cols, 3.9 * lines), squeeze=False)
-    variants = [v for v in ("moba", "full", "hybrid") if any(r["variant"] == v for r in rows)]
+    variants = [v for v in ("full", "moba", "hybrid") if any(r["variant"] == v for r in rows)]   # drawing order
+    dashes = {"full": "--", "moba": "--", "hybrid": ":"}
     for ax, bucket in zip(axes.flat, buckets):
         here = [r for r in rows if r["bucket"] == bucket]
         for v in variants:
@@ -184,14 +185,14 @@ def plot_curves(rows: List[dict], fits: dict, buckets: List[str], column: str, x
                 pts = sorted((r[column], r["loss"]) for r in here if r["variant"] == v and r["model"] == model
                              and r["iteration"] >= (r["switch_iteration"] or 0))   # a hybrid: from its switch on
                 x, y = zip(*pts)
-                ax.plot(x, y, "-", color=COLORS[v], lw=1.3, alpha=0.85, label=NAMES[v] if k == 0 else None)
+                ax.plot(x, y, "-", color=COLORS[v], lw=1.1, alpha=0.85, label=NAMES[v] if k == 0 else None)
                 ax.plot(x[-1:], y[-1:], "o", color=COLORS[v], ms=3.5)
             if bucket in fits.get(v, {}):
                 f = fits[v][bucket]
                 lo = min(r[column] for r in here)
                 hi = max(r[column] for r in here if r["final"]) * 10 ** extend_decades
                 grid = np.geomspace(lo, hi, 100)
-                ax.plot(grid, f["a"] * grid ** f["b"], "--", color=COLORS[v], lw=1.2,
+                ax.plot(grid, f["a"] * grid ** f["b"], dashes[v], color=COLORS[v], lw=1.4 if v == "hybrid" else 1.2,
                         label=f"{'Full Attention' if v == 'full' else NAMES[v]} Projection")
         ax.set_xscale("log")
         ax.set_yscale("log")
