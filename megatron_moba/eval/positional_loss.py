@@ -141,11 +141,13 @@ def document_losses(model, docs: list, seq_length: int, micro_batch_size: int = 
 
 def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, trailing_tokens: Optional[int] = None,
                         seq_length: Optional[int] = None, micro_batch_size: int = 1, label: Optional[str] = None,
-                        tensor_model_parallel_size: int = 1, progress: bool = False) -> dict:
-    """Positional and trailing loss of one checkpoint on ``docs`` (see the module docstring)."""
+                        tensor_model_parallel_size: int = 1, progress: bool = False,
+                        iteration: Optional[int] = None) -> dict:
+    """Positional and trailing loss of one checkpoint on ``docs`` (see the module docstring);
+    ``iteration``: a saved iteration other than the latest (a learning curve's points)."""
     from megatron_moba.training.tokenizer import build_tokenizer
     check_checkpoint(load_dir)
-    saved = saved_args(load_dir)
+    saved = saved_args(load_dir, iteration)
     s = seq_length or saved.seq_length
     buckets = make_buckets(s, bucket_width)
     trailing = bucket_width if trailing_tokens is None else trailing_tokens
@@ -160,7 +162,7 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
     if top >= vocab:
         raise ValueError(f"the documents hold token id {top}, outside the vocabulary of {load_dir} ({vocab}): "
                          "were they tokenized with the checkpoint's tokenizer?")
-    model, args, tokenizer = load_for_eval(load_dir, seq_length=s,
+    model, args, tokenizer = load_for_eval(load_dir, iteration, seq_length=s,
                                            tensor_model_parallel_size=tensor_model_parallel_size)
     sums = BucketSums(buckets, s, trailing)
     for doc, losses in document_losses(model, docs, s, micro_batch_size, tokenizer.eod, progress):
@@ -168,7 +170,7 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
     rows = sums.rows()
     evaluated = sum(r["tokens"] for r in rows)
     result = dict(label=label or default_label(load_dir), checkpoint=load_dir, variant=args.attention,
-                  iteration=_iteration(load_dir), seq_length=s, bucket_width=bucket_width,
+                  iteration=iteration or _iteration(load_dir), seq_length=s, bucket_width=bucket_width,
                   moba_chunk_size=args.moba_chunk_size, moba_topk=args.moba_topk, documents=len(docs),
                   overall_loss=float(sum(sums.sums) / evaluated), overall_tokens=int(evaluated), buckets=rows,
                   trailing_tokens=trailing, trailing_documents=sums.trail_docs,
