@@ -141,6 +141,14 @@ def test_bf16_import_streams_and_export_shards_like_save_pretrained(bf16_model):
     weights = HFWeights(str(d / "hf"))
     assert weights.nbytes() == sum(t.numel() * 2 for t in model.state_dict().values())
     _tool("import", "--hf-dir", str(d / "hf"), "--save", str(d / "mg"))
+    # the bf16 checkpoint loads into an fp32 model (a CPU run without --bf16) and gives the HF model's logits
+    tokens = torch.randint(0, 200, (1, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = transformers.LlamaForCausalLM(model.config).float().eval()
+        expected.load_state_dict({k: v.float() for k, v in model.state_dict().items()})
+        expected = expected(tokens).logits
+    logits = mc.run_distributed(mc.hf_logits_in_megatron, str(d / "hf"), str(d / "mg"), tokens)[0]
+    assert (logits[..., :200] - expected).abs().max().item() < 1e-4
     out = _tool("export", "--load", str(d / "mg"), "--out", str(d / "back"), "--max-shard-size", "50KB")
     assert "in bfloat16" in out
     index = json.loads((d / "back" / "model.safetensors.index.json").read_text())
