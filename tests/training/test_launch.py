@@ -165,7 +165,7 @@ def test_continued_pretraining_recipe(llama_hf_dir, fake_slurm):
     with the recipe's RoPE base, its own context and positions, MoBA, and its own slice of the documents."""
     from megatron_moba.hf.convert import model_flags, read_hf_config, tokenizer_flags
     hf = llama_hf_dir
-    r = _recipe({"HF_DIR": hf, "MOCK_DATA": "1"})
+    r = _recipe({"HF_DIR": hf, "MOCK_DATA": "1", "SLURM_NNODES": "1"})     # run from a 1-node allocation
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
     checks = [x for x in lines if x.startswith("stage ")]
