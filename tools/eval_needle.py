@@ -14,6 +14,10 @@ megatron_moba/eval/needle.py).  Lengths beyond a checkpoint's --seq-length are a
 Writes OUT/needle.csv (label, variant, length, depth, accuracy, trials), OUT/needle.json (the same
 plus every trial's passkey and greedy output) and OUT/needle_<label>.png (depth x length heat map);
 prints the accuracy table.  The variant is the checkpoint's saved --attention (moba or full).
+Memory is linear in the tokens (no [tokens, vocabulary] logits; one forward per prompt when the answer
+is right, see megatron_moba/eval/needle.py); `torchrun --nproc-per-node TP*CP ...
+--tensor-model-parallel-size TP --context-parallel-size CP` shares each model (the same answers as
+one process).
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ def parse(argv):
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--iteration", type=int, default=None, help="checkpoint iteration (default: the latest)")
     p.add_argument("--out", required=True, help="directory for needle.csv, needle.json and the heat maps")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP ranks (torchrun)")
+    p.add_argument("--context-parallel-size", type=int, default=1, help="CP ranks (torchrun)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
@@ -54,7 +60,8 @@ def main(argv=None) -> int:
     try:
         needle.run(args.load, args.lengths, args.out, labels=args.labels, depths=args.depths, trials=args.trials,
                    digits=args.digits, seed=args.seed, batch_size=args.batch_size, iteration=args.iteration,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, tensor_model_parallel_size=args.tensor_model_parallel_size,
+                   context_parallel_size=args.context_parallel_size)
     except ValueError as e:         # a bad flag (named), or a checkpoint whose tokenizer cannot build the prompt
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,8 +23,10 @@ pattern of ids >= 13 (every token a "sentence", so the depth is exact to the tok
 ``KEY d1..dn KEY_END``, question ``QUERY KEY``, answer ``d1..dn``: an induction/copy task (after
 ``QUERY KEY``, copy what followed the earlier ``KEY``).
 
-A trial is correct when greedy decoding (the full forward re-run per generated token) reproduces
-every answer token.
+A trial is correct when greedy decoding reproduces every answer token.  Decoding never forms the
+[tokens, vocabulary] logits: the prompt and the expected answer run through the model once, and the
+greedy token after every prefix of the answer is read from that one forward (``greedy_decode``: a
+right answer costs one forward, a wrong one at most one more per token after its first error).
 """
 from __future__ import annotations
 
@@ -109,30 +111,63 @@ def make_passkeys(trials: int, digits: int = 5, seed: int = 0) -> List[str]:
     return [str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)) for _ in range(trials)]
 
 
-def model_logits_fn(model, vocab_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A GPT from load_for_eval as a function tokens [b, n] -> logits [b, n, vocab_size] (padding rows cut)."""
-    device = next(model.parameters()).device
+def model_logits_fn(model, vocab_size: int) -> Callable[..., torch.Tensor]:
+    """A GPT from load_for_eval as a function tokens [b, n] -> logits [b, n, vocab_size] of every position
+    (padding rows cut), or with ``last=k`` of the last k positions only ([b, k, vocab_size]; no
+    [n, vocab] logits are formed: megatron_moba.eval.stream.logits_at).  Under tensor or context
+    parallelism every rank of the model calls it with the same tokens and gets the whole answer."""
+    from megatron_moba.eval.stream import logits_at
 
-    @torch.no_grad()
-    def logits(tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.to(device)                                                  # [b, n]
-        position_ids = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
-        return model(tokens, position_ids, attention_mask=None)[..., :vocab_size].float()   # [b, n, V]
+    def logits(tokens: torch.Tensor, last: Optional[int] = None) -> torch.Tensor:
+        n = tokens.shape[1]
+        return logits_at(model, tokens, range(n - (n if last is None else last), n), vocab_size)
+    logits.last_positions = True
     return logits
 
 
-def greedy_decode(logits_fn, tokens: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy continuation: tokens [b, n] -> generated [b, steps], re-running the full forward per token."""
-    seq = tokens
-    for _ in range(steps):
-        nxt = logits_fn(seq)[:, -1].argmax(-1)                                      # [b]
-        seq = torch.cat([seq, nxt[:, None].to(seq)], dim=1)
-    return seq[:, tokens.shape[1]:]
+def greedy_decode(logits_fn, tokens: torch.Tensor, steps: int, guess: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Greedy continuation: tokens [b, n] -> generated [b, steps].
+
+    A ``logits_fn`` that takes ``last`` (``model_logits_fn``) is run on the prompt followed by a guess
+    of the continuation (``guess`` [b, >= steps - 1], e.g. the expected answer; else token 0): one
+    causal forward gives the greedy token after every guessed prefix, so the guess is accepted up to
+    its first token that differs from the greedy one, which is corrected, and the rows not yet complete
+    are run again.  The result is exactly greedy decoding; a right guess takes one forward, a wrong one
+    at most one more per token after its first error.  Any other ``logits_fn`` (tokens [b, n] ->
+    logits [b, n', V] of the last n' positions) is re-run on the whole sequence per token."""
+    if steps == 0:
+        return tokens[:, :0]
+    if not getattr(logits_fn, "last_positions", False):
+        seq = tokens
+        for _ in range(steps):
+            nxt = logits_fn(seq)[:, -1].argmax(-1)                                  # [b]
+            seq = torch.cat([seq, nxt[:, None].to(seq)], dim=1)
+        return seq[:, tokens.shape[1]:]
+    b = tokens.shape[0]
+    fed = torch.zeros(b, steps, dtype=tokens.dtype)              # the continuation (its last token is never fed)
+    if guess is not None:
+        fed[:, :steps - 1] = torch.as_tensor(guess)[:, :steps - 1]
+    done = torch.zeros(b, dtype=torch.long)                     # leading tokens of ``fed`` known greedy, per row
+    while bool((done < steps).any()):
+        rows = torch.nonzero(done < steps).squeeze(1)
+        seq = torch.cat([tokens[rows], fed[rows, :steps - 1]], dim=1)             # [r, n + steps - 1]
+        best = logits_fn(seq, last=steps).argmax(-1).to(fed)      # [r, steps]: the greedy token after each prefix
+        for j, row in enumerate(rows.tolist()):
+            k = int(done[row])
+            while True:                                         # best[j, k] is greedy: fed[row, :k] is
+                agree = k < steps - 1 and bool(fed[row, k] == best[j, k])
+                fed[row, k] = best[j, k]
+                k += 1
+                if k == steps or not agree:
+                    break
+            fed[row, k:] = best[j, k:]                          # after a wrong guess: guesses again
+            done[row] = k
+    return fed
 
 
 def score(logits_fn, prompts: Sequence[Prompt], batch_size: int = 8) -> List[List[int]]:
     """Greedy continuations of the prompts, as many tokens as each answer (prompts of equal
-    prompt and answer lengths are decoded together)."""
+    prompt and answer lengths are decoded together; the answers are the guesses of ``greedy_decode``)."""
     out: List[Optional[List[int]]] = [None] * len(prompts)
     groups: Dict[tuple, List[int]] = {}
     for i, p in enumerate(prompts):
@@ -141,7 +176,8 @@ def score(logits_fn, prompts: Sequence[Prompt], batch_size: int = 8) -> List[Lis
         for b0 in range(0, len(idx), batch_size):
             chunk = idx[b0:b0 + batch_size]
             tokens = torch.tensor([prompts[i].tokens for i in chunk], dtype=torch.long)     # [b, n]
-            generated = greedy_decode(logits_fn, tokens, steps).tolist()                # [b, steps]
+            guess = torch.tensor([prompts[i].answer for i in chunk], dtype=torch.long)      # [b, steps]
+            generated = greedy_decode(logits_fn, tokens, steps, guess).tolist()         # [b, steps]
             for i, g in zip(chunk, generated):
                 out[i] = g
     return out
@@ -262,21 +298,32 @@ def check_flags(loads: Sequence[str], lengths: Sequence[int], labels: Optional[S
 
 def run(loads: Sequence[str], lengths: Sequence[int], out: str, labels: Optional[Sequence[str]] = None,
         depths: Sequence[float] = DEPTHS, trials: int = 10, digits: int = 5, seed: int = 0, batch_size: int = 8,
-        iteration: Optional[int] = None, progress: bool = True) -> List[dict]:
+        iteration: Optional[int] = None, progress: bool = True, tensor_model_parallel_size: int = 1,
+        context_parallel_size: int = 1) -> List[dict]:
     """What tools/eval_needle.py does: ``check_flags``, then per checkpoint load it, run every (length, depth)
     cell and write OUT/needle_<label>.png; print the accuracy table and write OUT/needle.csv and .json.
-    Returns the rows.  A bad flag or a tokenizer that cannot build the prompt: ValueError (the message
-    names the flag, or the checkpoint's label).  Without CUDA the caller applies the CPU shim first
+    Returns the rows.  Under torchrun, ``tensor_model_parallel_size`` x ``context_parallel_size``
+    processes share each model; every rank returns the rows, rank 0 prints and writes them.  A bad flag
+    or a tokenizer that cannot build the prompt: ValueError (the message names the flag, or the
+    checkpoint's label).  Without CUDA the caller applies the CPU shim first
     (megatron_moba.training.compat.apply_patches)."""
-    from megatron_moba.eval.checkpoint import load_for_eval
+    import torch.distributed as dist
+
+    from megatron_moba.eval.checkpoint import check_parallel_sizes, load_for_eval
+    check_parallel_sizes(tensor_model_parallel_size, context_parallel_size)
     saved = check_flags(loads, lengths, labels, depths, trials, digits, batch_size, iteration)
     labels = labels or [os.path.basename(os.path.normpath(p)) for p in loads]
     passkeys = make_passkeys(trials, digits, seed)
     rows = []
-    os.makedirs(out, exist_ok=True)
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    if first:
+        os.makedirs(out, exist_ok=True)
     for load, label, flags in zip(loads, labels, saved):
         seq_length = check_lengths(flags, lengths)     # None: the trained length suffices
-        model, margs, tokenizer = load_for_eval(load, iteration, seq_length=seq_length)
+        model, margs, tokenizer = load_for_eval(load, iteration, seq_length=seq_length,
+                                                tensor_model_parallel_size=tensor_model_parallel_size,
+                                                context_parallel_size=context_parallel_size)
+        first = dist.get_rank() == 0
         builder = PromptBuilder(tokenizer)
         try:
             for key in passkeys:
@@ -284,14 +331,17 @@ def run(loads: Sequence[str], lengths: Sequence[int], out: str, labels: Optional
         except ValueError as e:
             raise ValueError(f"{label}: {e}") from None
         mine = evaluate(model_logits_fn(model, tokenizer.vocab_size), builder, lengths, sorted(depths), passkeys,
-                        batch_size, progress=progress)
+                        batch_size, progress=progress and first)
         info = dict(label=label, variant=margs.attention, load=load, moba_chunk_size=margs.moba_chunk_size,
                     moba_topk=margs.moba_topk, trained_seq_length=flags.seq_length)
         mine = [dict(info, **r) for r in mine]
         rows += mine
-        png = plot_heatmap(mine, os.path.join(out, f"needle_{safe_name(label)}.png"))
-        print(f"wrote {png}")
+        if first:
+            png = plot_heatmap(mine, os.path.join(out, f"needle_{safe_name(label)}.png"))
+            print(f"wrote {png}")
         del model
+    if not first:
+        return rows
     print(format_table(rows))
     for path in write_table(rows, out):
         print(f"wrote {path}")
