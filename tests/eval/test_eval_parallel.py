@@ -1,0 +1,133 @@
+"""Evaluation in memory linear in the tokens, under tensor and context parallelism
+(megatron_moba.eval.stream; tools/eval_positional_loss.py and tools/eval_needle.py): greedy decoding by
+verifying a guess is greedy decoding; CP 2 and TP 2 give one process's answers (the tool under
+torchrun); a model imported from HF without a tokenizer evaluates, scored as transformers scores it."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import megatron_cases as mc
+from megatron_moba.eval import needle
+from megatron_moba.training.parallel import free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the repository
+SEQ, WIDTH, TRAIL = 64, 16, 8                     # TINY's --seq-length (moba chunk 16, top-k 2)
+LENGTHS = [90, 17, 33, 64, 20, 65, 49, 70]        # token counts of the documents (odd ones: padded under CP)
+
+
+def _causal_model(vocab, calls):
+    """A deterministic causal "model": the logits after position t depend on tokens 0..t only
+    (tokens [b, n] -> [b, n, vocab], or the last ``last`` positions)."""
+    def logits(tokens, last=None):
+        calls.append(tokens.shape)
+        mix = torch.cumsum(tokens * 7 + 3, dim=1) % vocab                          # [b, n]
+        out = torch.nn.functional.one_hot((mix * 5 + tokens) % vocab, vocab).float()
+        return out if last is None else out[:, -last:]
+    return logits
+
+
+def test_verified_greedy_decoding_is_greedy_decoding():
+    """The decoding that verifies a guess in one forward gives what re-running the whole sequence per
+    token gives, for right, partly right and wrong guesses; a right guess costs one forward."""
+    vocab, steps, calls = 11, 5, []
+    model = _causal_model(vocab, calls)
+    stepwise = _causal_model(vocab, [])       # without ``last_positions``: decoded token by token
+    prompts = torch.randint(0, vocab, (6, 20), generator=torch.Generator().manual_seed(0))
+    model.last_positions = True
+    truth = needle.greedy_decode(lambda t: stepwise(t), prompts, steps)                # [6, steps]
+    assert not torch.equal(truth, torch.zeros_like(truth))
+    calls.clear()
+    assert torch.equal(needle.greedy_decode(model, prompts, steps, truth), truth)
+    assert len(calls) == 1 and calls[0] == (6, 20 + steps - 1)                       # one forward, no re-prefill
+    for wrong_from in (0, 2, 4):
+        guess = truth.clone()
+        guess[::2, wrong_from:] = (guess[::2, wrong_from:] + 1) % vocab             # half the rows guessed wrong
+        calls.clear()
+        assert torch.equal(needle.greedy_decode(model, prompts, steps, guess), truth)
+        assert 1 <= len(calls) <= steps - wrong_from                                # the last token is never fed
+        assert all(shape[0] <= 3 for shape in calls[1:])                           # only unfinished rows re-run
+    assert torch.equal(needle.greedy_decode(model, prompts, steps), truth)            # no guess at all
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from megatron_moba.training.preprocess import build_indexed_dataset
+    d = tmp_path_factory.mktemp("parallel_eval")
+    rng = np.random.default_rng(1)
+    texts = [" ".join(map(str, rng.integers(0, 200, n - 1))) for n in LENGTHS]
+    build_indexed_dataset(iter(texts), str(d / "docs"), "NullTokenizer", vocab_size=200, progress=False)
+    mc.run_distributed(mc.run_pretrain, mc.TINY + ["--save", str(d / "ckpt")])
+    return d
+
+
+def _positional(ckpt, prefix, tp=1, cp=1):
+    from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
+    return evaluate_checkpoint(ckpt, read_documents(prefix, SEQ + 1), WIDTH, TRAIL, micro_batch_size=3,
+                               tensor_model_parallel_size=tp, context_parallel_size=cp)
+
+
+def _close(a, b):
+    return abs(a - b) <= 1e-5 * abs(b)
+
+
+def test_positional_loss_under_cp2_and_tp2_is_one_process(trained, tmp_path):
+    """The library at TP 2, and the tool under torchrun at CP 2, against one process (whose losses
+    test_positional_loss.py checks against the model's whole logits)."""
+    ckpt, docs = str(trained / "ckpt"), str(trained / "docs")
+    one = mc.run_distributed(_positional, ckpt, docs)[0]
+    tp2 = mc.run_distributed(_positional, ckpt, docs, 2, 1, tp=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           os.path.join(ROOT, "tools", "eval_positional_loss.py"), "--load", ckpt, "--data-path", docs,
+           "--bucket-width", str(WIDTH), "--trailing-tokens", str(TRAIL), "--micro-batch-size", "3",
+           "--context-parallel-size", "2", "--out", str(tmp_path / "out")]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("wrote") == 2                                       # rank 0 writes, once
+    cp2 = json.load(open(tmp_path / "out" / "positional_loss.json"))[0]
+    for other in (tp2[0], tp2[1], cp2):
+        assert [b["tokens"] for b in other["buckets"]] == [b["tokens"] for b in one["buckets"]]
+        assert all(_close(b["loss"], a["loss"]) for a, b in zip(one["buckets"], other["buckets"]))
+        assert _close(other["overall_loss"], one["overall_loss"])
+        assert _close(other["trailing_loss"], one["trailing_loss"])
+        for a, b in zip(one["per_document"]["bucket_sums"], other["per_document"]["bucket_sums"]):
+            assert all(_close(y, x) for x, y in zip(a, b) if x)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "positional_loss.csv")))
+    assert [r["bucket"] for r in rows] == ["0-16", "16-32", "32-48", "48-64", "all", f"last {TRAIL}"]
+
+
+def _needle(ckpt, out, tp=1, cp=1):
+    return needle.run([ckpt], [48, 96], out, labels=["tiny"], depths=[0.0, 0.5, 1.0], trials=3, progress=False,
+                      tensor_model_parallel_size=tp, context_parallel_size=cp)
+
+
+def test_needle_under_cp2_and_tp2_is_one_process(trained, tmp_path):
+    ckpt = str(trained / "ckpt")
+    one = mc.run_distributed(_needle, ckpt, str(tmp_path / "one"))[0]
+    assert os.path.exists(tmp_path / "one" / "needle.csv")
+    for layout in (dict(cp=2), dict(tp=2)):
+        out = str(tmp_path / "_".join(f"{k}{v}" for k, v in layout.items()))
+        ranks = mc.run_distributed(_needle, ckpt, out, layout.get("tp", 1), layout.get("cp", 1), **layout)
+        for rows in ranks:                                   # every rank: one process's greedy outputs
+            assert [r["predictions"] for r in rows] == [r["predictions"] for r in one]
+            assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in one]
+        assert json.load(open(os.path.join(out, "needle.json"))) == json.loads(json.dumps(one))
+
+
+def test_parallel_flags_must_match_the_processes(trained, capsys, monkeypatch):
+    from helpers import tool_exit_code
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    ckpt, docs = str(trained / "ckpt"), str(trained / "docs")
+    assert tool_exit_code(monkeypatch, "eval_positional_loss.py", "--load", ckpt, "--data-path", docs,
+                          "--bucket-width", "16", "--context-parallel-size", "2") == 2
+    assert ("--tensor-model-parallel-size 1 x --context-parallel-size 2 needs 2 processes, but 1 was started: run "
+            "the tool under torchrun --nproc-per-node 2") in capsys.readouterr().err
+    assert tool_exit_code(monkeypatch, "eval_needle.py", "--load", ckpt, "--lengths", "64", "--out", "x",
+                          "--tensor-model-parallel-size", "0") == 2
+    assert "--tensor-model-parallel-size must be >= 1, got 0" in capsys.readouterr().err
