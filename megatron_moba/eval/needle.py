@@ -63,12 +63,11 @@ class PromptBuilder:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.integer = tokenizer.name == "NullTokenizer"
-        if self.integer:
-            usable = tokenizer.eod                      # ids 0 .. eod-1 are the vocabulary
-            if usable < FIRST_FILLER + 3:
-                raise ValueError(f"the NullTokenizer vocabulary ({usable}) is too small for the passkey "
-                                 f"prompt: it needs ids 0..{FIRST_FILLER + 2}")
-            span = list(range(FIRST_FILLER, usable))
+        if self.integer:            # filler: ids from FIRST_FILLER up, but the end-of-document id
+            span = [i for i in range(FIRST_FILLER, tokenizer.vocab_size) if i != tokenizer.eod]
+            if len(span) < 3:
+                raise ValueError(f"the NullTokenizer vocabulary ({tokenizer.vocab_size - 1}) is too small for the "
+                                 f"passkey prompt: it needs ids 0..{FIRST_FILLER + 2}")
             self.sentences = [[i] for i in random.Random(0).choices(span, k=min(FILLER_IDS, len(span) * 4))]
         else:
             self.sentences = [tokenizer.tokenize(sentence) for sentence in FILLER]

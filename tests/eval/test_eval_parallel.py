@@ -131,3 +131,49 @@ def test_parallel_flags_must_match_the_processes(trained, capsys, monkeypatch):
     assert tool_exit_code(monkeypatch, "eval_needle.py", "--load", ckpt, "--lengths", "64", "--out", "x",
                           "--tensor-model-parallel-size", "0") == 2
     assert "--tensor-model-parallel-size must be >= 1, got 0" in capsys.readouterr().err
+
+
+def _import_and_evaluate(hf_dir, ckpt, prefix, out):
+    from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
+    from megatron_moba.hf.convert import import_to_checkpoint
+    import_to_checkpoint(hf_dir, ckpt)
+    loss = evaluate_checkpoint(ckpt, read_documents(prefix, SEQ + 1), WIDTH, TRAIL, micro_batch_size=2)
+    return loss, needle.run([ckpt], [40], out, depths=[0.0, 0.5], trials=2, progress=False)
+
+
+def test_hf_import_without_a_tokenizer_evaluates_as_transformers_does(tmp_path):
+    """An HF model of 256 rows (a multiple of 128: NullTokenizer's end-of-document row would make 257, padded
+    to 384) imported without a tokenizer: both tools load it, text is token ids, the end-of-document id is
+    config.json's eos_token_id; losses and greedy answers are transformers' (MoBA's chunk 512 covers the
+    64 tokens: full attention)."""
+    transformers = pytest.importorskip("transformers")
+    from megatron_moba.training.preprocess import build_indexed_dataset
+    from megatron_moba.training.tokenizer import Tokenizer
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rope_theta=50000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=2)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(str(tmp_path / "hf"))
+    rng = np.random.default_rng(2)
+    docs = [rng.integers(3, 255, n - 1) for n in (65, 40, 70)]         # + EOD 255 (NullTokenizer of 255 ids)
+    build_indexed_dataset(iter(" ".join(map(str, d)) for d in docs), str(tmp_path / "docs"), "NullTokenizer",
+                          vocab_size=255, progress=False)
+    loss, rows = mc.run_distributed(_import_and_evaluate, str(tmp_path / "hf"), str(tmp_path / "mg"),
+                                    str(tmp_path / "docs"), str(tmp_path / "needle"))[0]
+    with torch.no_grad():
+        per_token = []
+        for d in docs:
+            ids = torch.tensor([*d, 255][:SEQ + 1])[None]
+            logits = hf(ids[:, :-1]).logits[0]
+            per_token += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
+    assert loss["overall_tokens"] == len(per_token) == 64 + 39 + 64
+    assert _close(loss["overall_loss"], sum(per_token) / len(per_token))
+    builder = needle.PromptBuilder(Tokenizer("NullTokenizer", 256, 2, lambda t: [int(x) for x in t.split()],
+                                             lambda ids: " ".join(map(str, ids))))
+    for r in rows:
+        for key, prediction in zip(r["passkeys"], r["predictions"]):
+            p = builder.build(40, r["depth"], key)
+            greedy = hf.generate(torch.tensor([p.tokens]), max_new_tokens=len(p.answer), do_sample=False,
+                                 pad_token_id=0)[0, len(p.tokens):]
+            assert prediction == " ".join(map(str, greedy.tolist()))
