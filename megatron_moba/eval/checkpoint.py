@@ -33,6 +33,19 @@ def _common(load_dir: str, iteration: Optional[int] = None):
     return path, dist_checkpointing.load_common_state_dict(path)
 
 
+def tokenizer_overrides(tokenizer_type: Optional[str] = None, tokenizer_model: Optional[str] = None) -> dict:
+    """``load_for_eval`` overrides for the tools' --tokenizer-type / --tokenizer-model (a model imported
+    without its tokenizer); empty when neither is given."""
+    if tokenizer_model and not tokenizer_type:
+        raise ValueError("--tokenizer-model needs --tokenizer-type (HuggingFaceTokenizer or SentencePieceTokenizer)")
+    out = {}
+    if tokenizer_type:
+        out["tokenizer_type"] = tokenizer_type
+    if tokenizer_model:
+        out["tokenizer_model"] = tokenizer_model
+    return out
+
+
 def saved_args(load_dir: str, iteration: Optional[int] = None) -> argparse.Namespace:
     """The flags a checkpoint was trained with (stored in it by the training job)."""
     path, common = _common(load_dir, iteration)

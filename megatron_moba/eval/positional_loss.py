@@ -145,11 +145,13 @@ def document_losses(model, docs: list, seq_length: int, micro_batch_size: int = 
 def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, trailing_tokens: Optional[int] = None,
                         seq_length: Optional[int] = None, micro_batch_size: int = 1, label: Optional[str] = None,
                         tensor_model_parallel_size: int = 1, progress: bool = False,
-                        context_parallel_size: int = 1) -> dict:
+                        context_parallel_size: int = 1, tokenizer: Optional[dict] = None) -> dict:
     """Positional and trailing loss of one checkpoint on ``docs`` (see the module docstring), on
-    ``tensor_model_parallel_size`` x ``context_parallel_size`` processes (every rank returns the result)."""
+    ``tensor_model_parallel_size`` x ``context_parallel_size`` processes (every rank returns the result).
+    ``tokenizer``: overrides of the saved tokenizer flags (``tokenizer_overrides``)."""
     check_checkpoint(load_dir)
     saved = saved_args(load_dir)
+    vars(saved).update(tokenizer or {})
     s = seq_length or saved.seq_length
     buckets = make_buckets(s, bucket_width)
     trailing = bucket_width if trailing_tokens is None else trailing_tokens
@@ -165,7 +167,7 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
         raise ValueError(f"the documents hold token id {top}, outside the vocabulary of {load_dir} ({vocab}): "
                          "were they tokenized with the checkpoint's tokenizer?")
     model, args, tokenizer = load_for_eval(load_dir, seq_length=s, context_parallel_size=context_parallel_size,
-                                           tensor_model_parallel_size=tensor_model_parallel_size)
+                                           tensor_model_parallel_size=tensor_model_parallel_size, **(tokenizer or {}))
     sums = BucketSums(buckets, s, trailing)
     for doc, losses in document_losses(model, docs, s, micro_batch_size, tokenizer.eod, progress):
         sums.add(losses, doc)
@@ -253,7 +255,8 @@ def plot_results(results: list, path: str) -> str:
 def run(loads: List[str], data_path: str, labels: Optional[List[str]] = None, num_docs: Optional[int] = None,
         seq_length: Optional[int] = None, bucket_width: int = 2048, trailing_tokens: Optional[int] = None,
         micro_batch_size: int = 1, tensor_model_parallel_size: int = 1, out: Optional[str] = None,
-        plot: Optional[str] = None, progress: bool = True, context_parallel_size: int = 1) -> list:
+        plot: Optional[str] = None, progress: bool = True, context_parallel_size: int = 1,
+        tokenizer: Optional[dict] = None) -> list:
     """What tools/eval_positional_loss.py does: check the flags and checkpoints, read the documents,
     evaluate every checkpoint, then (rank 0 only) print each one's buckets, write OUT/positional_loss
     .json/.csv (``out``) and the plot (``plot``).  Returns the results.  A bad flag or input: ValueError
@@ -275,7 +278,7 @@ def run(loads: List[str], data_path: str, labels: Optional[List[str]] = None, nu
     first = not dist.is_initialized() or dist.get_rank() == 0
     results = [evaluate_checkpoint(d, docs, bucket_width, trailing_tokens, seq_length, micro_batch_size, label,
                                    tensor_model_parallel_size, progress=progress and first,
-                                   context_parallel_size=context_parallel_size)
+                                   context_parallel_size=context_parallel_size, tokenizer=tokenizer)
                for d, label in zip(loads, labels)]
     if dist.is_initialized() and dist.get_rank() != 0:
         return results

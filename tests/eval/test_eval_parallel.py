@@ -134,11 +134,18 @@ def test_parallel_flags_must_match_the_processes(trained, capsys, monkeypatch):
 
 
 def _import_and_evaluate(hf_dir, ckpt, prefix, out):
+    from megatron_moba.eval.checkpoint import eval_tokenizer, saved_args
     from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
     from megatron_moba.hf.convert import import_to_checkpoint
     import_to_checkpoint(hf_dir, ckpt)
     loss = evaluate_checkpoint(ckpt, read_documents(prefix, SEQ + 1), WIDTH, TRAIL, micro_batch_size=2)
-    return loss, needle.run([ckpt], [40], out, depths=[0.0, 0.5], trials=2, progress=False)
+    rows = needle.run([ckpt], [40], out, depths=[0.0, 0.5], trials=2, progress=False)
+    narrow = saved_args(ckpt)
+    narrow.vocab_size = 2                             # eos_token_id 2 outside it: refused, naming the flags
+    with pytest.raises(ValueError, match="names no eos_token_id inside its 2-token vocabulary .got 2.: pass the "
+                       r"model's tokenizer \(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR\)"):
+        eval_tokenizer(narrow, ckpt)
+    return loss, rows
 
 
 def test_hf_import_without_a_tokenizer_evaluates_as_transformers_does(tmp_path):
