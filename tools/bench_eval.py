@@ -13,7 +13,8 @@ tools/eval_needle.py (one passkey at depth 0.5), each in one process and under
 tools at that commit (one process: they have no --context-parallel-size), extracted with
 `git archive`.  Every process records its peak resident memory (getrusage); a run's figure is
 its largest rank's.  Wall time is the whole command (imports and loading included).  Threads:
-the machine's cores shared between the ranks.  The JSON (rewritten after every run, so a
+the machine's cores shared between the ranks, or --threads per process; --append adds the runs to
+those of an earlier --out (each run names its commit and command).  The JSON (rewritten after every run, so a
 killed benchmark keeps what it measured) records the commit, whether the tree was clean, the
 versions, the machine and its load average before and after each run.
 """
@@ -57,6 +58,9 @@ def parse_args(argv=None):
     p.add_argument("--before-max-length", type=int, default=None, help="skip the old tools above this length")
     p.add_argument("--work", default=None, help="directory for the checkpoint and data (default: a temporary one)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: the machine's cores / processes)")
+    p.add_argument("--append", action="store_true", help="add the runs to those already in --out")
     p.add_argument("--out", required=True, help="JSON file to write")
     return p.parse_args(argv)
 
@@ -106,7 +110,8 @@ def tool_argv(tool: str, length: int, ckpt: str, data: str, out: str) -> list:
             "--batch-size", "1", "--out", out, "--no-progress"]
 
 
-def run_one(src: str, tool: str, length: int, cp: int, ckpt: str, data: str, timeout: int) -> dict:
+def run_one(src: str, tool: str, length: int, cp: int, ckpt: str, data: str, timeout: int,
+            threads: int = None) -> dict:
     """One command: wall time, peak memory of its largest rank, and what the tool printed last."""
     with tempfile.TemporaryDirectory() as tmp:
         wrapper = os.path.join(tmp, "peak.py")
@@ -119,7 +124,7 @@ def run_one(src: str, tool: str, length: int, cp: int, ckpt: str, data: str, tim
                       "--master-port", str(29500 + os.getpid() % 1000)]
         else:
             launch = [sys.executable]
-        threads = max(1, (os.cpu_count() or 1) // cp)
+        threads = threads or max(1, (os.cpu_count() or 1) // cp)
         env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{os.path.join(src, 'kernels')}", BENCH_PEAK_DIR=tmp,
                    OMP_NUM_THREADS=str(threads), PYTHONWARNINGS="ignore")
         load = os.getloadavg()
@@ -157,6 +162,11 @@ def main(argv=None):
                   model=dict(layers=2, hidden_size=args.hidden_size, heads=4, query_groups=2, vocab=32000,
                              moba_chunk_size=512, moba_topk=3, position_embedding="rope"),
                   command=" ".join(sys.argv), runs=[])
+    if args.append and os.path.exists(args.out):
+        earlier = json.load(open(args.out))
+        report["runs"] = [dict(r, commit=r.get("commit") or earlier["commit" if r["code"] == "after" else "before"],
+                               command=r.get("command", earlier["command"])) for r in earlier["runs"]]
+        report["earlier"] = {k: earlier[k] for k in ("commit", "clean", "command") if k in earlier}
     plan = [(ROOT, "after", tool, n, cp) for n in args.lengths for tool in args.tools for cp in args.cp]
     old = None
     if args.before:
@@ -168,7 +178,8 @@ def main(argv=None):
         plan += [(old, "before", tool, n, 1) for n in args.lengths for tool in args.tools
                  if args.before_max_length is None or n <= args.before_max_length]
     for src, which, tool, n, cp in plan:
-        row = dict(code=which, **run_one(src, tool, n, cp, ckpt, data, args.timeout))
+        row = dict(code=which, commit=report["commit"] if which == "after" else args.before, command=report["command"],
+                   **run_one(src, tool, n, cp, ckpt, data, args.timeout, args.threads))
         report["runs"].append(row)
         peak = row["peak_rss_bytes"]
         print(f"{which:>6} {tool:>15} {n:>7} tokens  {cp} process(es): {row['wall_s']:8.1f} s  "

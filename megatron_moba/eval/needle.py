@@ -404,15 +404,15 @@ def run(loads: Sequence[str], lengths: Sequence[int], out: str, labels: Optional
     Returns the rows.  Under torchrun, ``tensor_model_parallel_size`` x ``context_parallel_size``
     processes share each model; every rank returns the rows, rank 0 prints and writes them.  ``tokenizer``:
     overrides of the saved tokenizer flags (checkpoint.tokenizer_overrides).  ``task``, ``needles``: the
-    RULER-style variants (``PromptBuilder.build``).  A bad flag
-    or a tokenizer that cannot build the prompt: ValueError (the message names the flag, or the
-    checkpoint's label).  Without CUDA the caller applies the CPU shim first
-    (megatron_moba.training.compat.apply_patches)."""
+    RULER-style variants (``PromptBuilder.build``).  A bad flag or a tokenizer that cannot build the
+    prompt: ValueError (the message names the flag, or the checkpoint's label).  Without CUDA the caller
+    applies the CPU shim first (megatron_moba.training.compat.apply_patches)."""
     import torch.distributed as dist
 
     from megatron_moba.eval.checkpoint import check_parallel_sizes, load_for_eval
     check_parallel_sizes(tensor_model_parallel_size, context_parallel_size)
     PromptBuilder.check_task(task, needles)
+    overrides = dict(tokenizer or {})
     saved = check_flags(loads, lengths, labels, depths, trials, digits, batch_size, iteration)
     labels = labels or [os.path.basename(os.path.normpath(p)) for p in loads]
     passkeys = make_passkeys(trials, digits, seed)
@@ -424,7 +424,7 @@ def run(loads: Sequence[str], lengths: Sequence[int], out: str, labels: Optional
         seq_length = check_lengths(flags, lengths)     # None: the trained length suffices
         model, margs, tokenizer = load_for_eval(load, iteration, seq_length=seq_length,
                                                 tensor_model_parallel_size=tensor_model_parallel_size,
-                                                context_parallel_size=context_parallel_size, **(tokenizer or {}))
+                                                context_parallel_size=context_parallel_size, **overrides)
         first = dist.get_rank() == 0
         builder = PromptBuilder(tokenizer, task, needles)
         try:

@@ -133,54 +133,75 @@ def test_parallel_flags_must_match_the_processes(trained, capsys, monkeypatch):
     assert "--tensor-model-parallel-size must be >= 1, got 0" in capsys.readouterr().err
 
 
-def _import_and_evaluate(hf_dir, ckpt, prefix, out):
+def _import_and_evaluate(hf_dir, ckpt, prefix, out, tokenizer_dir):
     from megatron_moba.eval.checkpoint import eval_tokenizer, saved_args
     from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
     from megatron_moba.hf.convert import import_to_checkpoint
     import_to_checkpoint(hf_dir, ckpt)
     loss = evaluate_checkpoint(ckpt, read_documents(prefix, SEQ + 1), WIDTH, TRAIL, micro_batch_size=2)
     rows = needle.run([ckpt], [40], out, depths=[0.0, 0.5], trials=2, progress=False)
+    text = needle.run([ckpt], [60], out + "_text", depths=[0.5], trials=2, progress=False,   # --tokenizer-type ...
+                      tokenizer=dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer_dir))
     narrow = saved_args(ckpt)
     narrow.vocab_size = 2                             # eos_token_id 2 outside it: refused, naming the flags
     with pytest.raises(ValueError, match="names no eos_token_id inside its 2-token vocabulary .got 2.: pass the "
                        r"model's tokenizer \(--tokenizer-type HuggingFaceTokenizer --tokenizer-model DIR\)"):
         eval_tokenizer(narrow, ckpt)
-    return loss, rows
+    return loss, rows, text
 
 
 def test_hf_import_without_a_tokenizer_evaluates_as_transformers_does(tmp_path):
-    """An HF model of 256 rows (a multiple of 128: NullTokenizer's end-of-document row would make 257, padded
-    to 384) imported without a tokenizer: both tools load it, text is token ids, the end-of-document id is
+    """An HF model of 384 rows (a multiple of 128: NullTokenizer's end-of-document row would make 385, padded
+    to 512) imported without a tokenizer: both tools load it, text is token ids, the end-of-document id is
     config.json's eos_token_id; losses and greedy answers are transformers' (MoBA's chunk 512 covers the
     64 tokens: full attention)."""
     transformers = pytest.importorskip("transformers")
     from megatron_moba.training.preprocess import build_indexed_dataset
     from megatron_moba.training.tokenizer import Tokenizer
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    rope_theta=50000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, eos_token_id=2)
     hf = transformers.LlamaForCausalLM(cfg).eval()
     hf.save_pretrained(str(tmp_path / "hf"))
     rng = np.random.default_rng(2)
-    docs = [rng.integers(3, 255, n - 1) for n in (65, 40, 70)]         # + EOD 255 (NullTokenizer of 255 ids)
+    docs = [rng.integers(3, 383, n - 1) for n in (65, 40, 70)]         # + EOD 383 (NullTokenizer of 383 ids)
     build_indexed_dataset(iter(" ".join(map(str, d)) for d in docs), str(tmp_path / "docs"), "NullTokenizer",
-                          vocab_size=255, progress=False)
-    loss, rows = mc.run_distributed(_import_and_evaluate, str(tmp_path / "hf"), str(tmp_path / "mg"),
-                                    str(tmp_path / "docs"), str(tmp_path / "needle"))[0]
+                          vocab_size=383, progress=False)
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers, trainers
+    bpe = HFTokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.train_from_iterator([" ".join(needle.FILLER) + needle.NEEDLE + needle.QUESTION + " 0123456789"] * 20,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    os.makedirs(tmp_path / "tok")
+    bpe.save(str(tmp_path / "tok" / "tokenizer.json"))
+    loss, rows, text = mc.run_distributed(_import_and_evaluate, str(tmp_path / "hf"), str(tmp_path / "mg"),
+                                          str(tmp_path / "docs"), str(tmp_path / "needle"), str(tmp_path / "tok"))[0]
     with torch.no_grad():
         per_token = []
         for d in docs:
-            ids = torch.tensor([*d, 255][:SEQ + 1])[None]
+            ids = torch.tensor([*d, 383][:SEQ + 1])[None]
             logits = hf(ids[:, :-1]).logits[0]
             per_token += torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="none").tolist()
     assert loss["overall_tokens"] == len(per_token) == 64 + 39 + 64
     assert _close(loss["overall_loss"], sum(per_token) / len(per_token))
-    builder = needle.PromptBuilder(Tokenizer("NullTokenizer", 256, 2, lambda t: [int(x) for x in t.split()],
+    builder = needle.PromptBuilder(Tokenizer("NullTokenizer", 384, 2, lambda t: [int(x) for x in t.split()],
                                              lambda ids: " ".join(map(str, ids))))
     for r in rows:
         for key, prediction in zip(r["passkeys"], r["predictions"]):
             p = builder.build(40, r["depth"], key)
-            greedy = hf.generate(torch.tensor([p.tokens]), max_new_tokens=len(p.answer), do_sample=False,
-                                 pad_token_id=0)[0, len(p.tokens):]
+            ids = torch.tensor([p.tokens])
+            greedy = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(p.answer),
+                                 do_sample=False, pad_token_id=0)[0, len(p.tokens):]
             assert prediction == " ".join(map(str, greedy.tolist()))
+    from megatron_moba.training.tokenizer import build_tokenizer
+    tok = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "tok"))       # the --tokenizer-model override
+    builder = needle.PromptBuilder(tok)
+    for key, prediction in zip(text[0]["passkeys"], text[0]["predictions"]):
+        p = builder.build(60, 0.5, key)
+        ids = torch.tensor([p.tokens])
+        greedy = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=len(p.answer),
+                             do_sample=False, pad_token_id=0)[0, len(p.tokens):]
+        assert prediction == tok.detokenize(greedy.tolist())
