@@ -66,6 +66,32 @@ def trained(tmp_path_factory):
     return d
 
 
+def _stream_and_whole(ckpt, cp=1):
+    """streamed_token_losses in pieces of 10 tokens and logits_at, against the model's whole logits
+    (``token_losses``; one process only) on 3 sequences of 61 tokens (odd: padded under CP)."""
+    from megatron_moba.eval.checkpoint import load_for_eval, token_losses
+    from megatron_moba.eval.stream import logits_at, streamed_token_losses
+    model, _, tok = load_for_eval(ckpt, context_parallel_size=cp)
+    tokens = torch.randint(0, 200, (3, 62), generator=torch.Generator().manual_seed(3))
+    out = dict(streamed=streamed_token_losses(model, tokens, piece_tokens=10),
+               at=logits_at(model, tokens[:, :-1], [0, 17, 59, 60], tok.vocab_size))
+    if cp == 1:
+        with torch.no_grad():
+            whole = model(tokens[:, :-1], torch.arange(61)[None], attention_mask=None)[..., :tok.vocab_size]
+        out.update(whole=token_losses(model, tokens), whole_at=whole[:, [0, 17, 59, 60]].float())
+    return out
+
+
+def test_streamed_losses_and_logits_are_the_whole_logits(trained):
+    ckpt = str(trained / "ckpt")
+    one = mc.run_distributed(_stream_and_whole, ckpt)[0]
+    torch.testing.assert_close(one["streamed"], one["whole"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(one["at"], one["whole_at"], rtol=1e-5, atol=1e-6)
+    for rank in mc.run_distributed(_stream_and_whole, ckpt, 2, cp=2):
+        torch.testing.assert_close(rank["streamed"], one["whole"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rank["at"], one["whole_at"], rtol=1e-5, atol=1e-6)
+
+
 def _positional(ckpt, prefix, tp=1, cp=1):
     from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
     return evaluate_checkpoint(ckpt, read_documents(prefix, SEQ + 1), WIDTH, TRAIL, micro_batch_size=3,
