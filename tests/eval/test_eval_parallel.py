@@ -66,48 +66,58 @@ def trained(tmp_path_factory):
     return d
 
 
-def _stream_and_whole(ckpt, cp=1):
-    """streamed_token_losses in pieces of 10 tokens and logits_at, against the model's whole logits
-    (``token_losses``; one process only) on 3 sequences of 61 tokens (odd: padded under CP)."""
+def _stream_and_whole(ckpt, tp, cp):
+    """streamed_token_losses in pieces of 10 tokens and logits_at on 3 sequences of 61 tokens (odd: padded
+    under CP), and in one process the same from the model's whole logits (``token_losses``)."""
     from megatron_moba.eval.checkpoint import load_for_eval, token_losses
     from megatron_moba.eval.stream import logits_at, streamed_token_losses
-    model, _, tok = load_for_eval(ckpt, context_parallel_size=cp)
+    model, _, tok = load_for_eval(ckpt, tensor_model_parallel_size=tp, context_parallel_size=cp)
     tokens = torch.randint(0, 200, (3, 62), generator=torch.Generator().manual_seed(3))
     out = dict(streamed=streamed_token_losses(model, tokens, piece_tokens=10),
                at=logits_at(model, tokens[:, :-1], [0, 17, 59, 60], tok.vocab_size))
-    if cp == 1:
+    if tp == cp == 1:
         with torch.no_grad():
             whole = model(tokens[:, :-1], torch.arange(61)[None], attention_mask=None)[..., :tok.vocab_size]
         out.update(whole=token_losses(model, tokens), whole_at=whole[:, [0, 17, 59, 60]].float())
     return out
 
 
-def test_streamed_losses_and_logits_are_the_whole_logits(trained):
-    ckpt = str(trained / "ckpt")
-    one = mc.run_distributed(_stream_and_whole, ckpt)[0]
+def _everything(ckpt, prefix, out, tp, cp):
+    """The stream functions, the positional loss library and the needle tool's run at one layout."""
+    from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
+    return dict(stream=_stream_and_whole(ckpt, tp, cp),
+                positional=evaluate_checkpoint(ckpt, read_documents(prefix, SEQ + 1), WIDTH, TRAIL, micro_batch_size=3,
+                                               tensor_model_parallel_size=tp, context_parallel_size=cp),
+                needle=needle.run([ckpt], [96], out, labels=["tiny"], depths=[0.0, 0.5], trials=3, progress=False,
+                                  tensor_model_parallel_size=tp, context_parallel_size=cp))
+
+
+@pytest.fixture(scope="module")
+def layouts(trained):
+    """Every rank's results at one process, TP 2 and CP 2 (TP x CP processes each)."""
+    ckpt, docs = str(trained / "ckpt"), str(trained / "docs")
+    return {(tp, cp): mc.run_distributed(_everything, ckpt, docs, str(trained / f"needle_tp{tp}_cp{cp}"), tp, cp,
+                                         tp=tp, cp=cp) for tp, cp in ((1, 1), (2, 1), (1, 2))}
+
+
+def test_streamed_losses_and_logits_are_the_whole_logits(layouts):
+    one = layouts[1, 1][0]["stream"]
     torch.testing.assert_close(one["streamed"], one["whole"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(one["at"], one["whole_at"], rtol=1e-5, atol=1e-6)
-    for rank in mc.run_distributed(_stream_and_whole, ckpt, 2, cp=2):
-        torch.testing.assert_close(rank["streamed"], one["whole"], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(rank["at"], one["whole_at"], rtol=1e-5, atol=1e-6)
-
-
-def _positional(ckpt, prefix, tp=1, cp=1):
-    from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
-    return evaluate_checkpoint(ckpt, read_documents(prefix, SEQ + 1), WIDTH, TRAIL, micro_batch_size=3,
-                               tensor_model_parallel_size=tp, context_parallel_size=cp)
+    for rank in layouts[2, 1] + layouts[1, 2]:                  # TP 2 (vocab-parallel), CP 2: every rank
+        torch.testing.assert_close(rank["stream"]["streamed"], one["whole"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(rank["stream"]["at"], one["whole_at"], rtol=1e-5, atol=1e-6)
 
 
 def _close(a, b):
     return abs(a - b) <= 1e-5 * abs(b)
 
 
-def test_positional_loss_under_cp2_and_tp2_is_one_process(trained, tmp_path):
-    """The library at TP 2, and the tool under torchrun at CP 2, against one process (whose losses
+def test_positional_loss_under_cp2_and_tp2_is_one_process(trained, layouts, tmp_path):
+    """The library at TP 2 and CP 2, and the tool under torchrun at CP 2, against one process (whose losses
     test_positional_loss.py checks against the model's whole logits)."""
     ckpt, docs = str(trained / "ckpt"), str(trained / "docs")
-    one = mc.run_distributed(_positional, ckpt, docs)[0]
-    tp2 = mc.run_distributed(_positional, ckpt, docs, 2, 1, tp=2)
+    one = layouts[1, 1][0]["positional"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            os.path.join(ROOT, "tools", "eval_positional_loss.py"), "--load", ckpt, "--data-path", docs,
            "--bucket-width", str(WIDTH), "--trailing-tokens", str(TRAIL), "--micro-batch-size", "3",
@@ -116,8 +126,8 @@ def test_positional_loss_under_cp2_and_tp2_is_one_process(trained, tmp_path):
                          env=dict(os.environ, PYTHONWARNINGS="ignore"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("wrote") == 2                                       # rank 0 writes, once
-    cp2 = json.load(open(tmp_path / "out" / "positional_loss.json"))[0]
-    for other in (tp2[0], tp2[1], cp2):
+    tool = json.load(open(tmp_path / "out" / "positional_loss.json"))[0]
+    for other in [r["positional"] for r in layouts[2, 1] + layouts[1, 2]] + [tool]:
         assert [b["tokens"] for b in other["buckets"]] == [b["tokens"] for b in one["buckets"]]
         assert all(_close(b["loss"], a["loss"]) for a, b in zip(one["buckets"], other["buckets"]))
         assert _close(other["overall_loss"], one["overall_loss"])
@@ -128,22 +138,14 @@ def test_positional_loss_under_cp2_and_tp2_is_one_process(trained, tmp_path):
     assert [r["bucket"] for r in rows] == ["0-16", "16-32", "32-48", "48-64", "all", f"last {TRAIL}"]
 
 
-def _needle(ckpt, out, tp=1, cp=1):
-    return needle.run([ckpt], [48, 96], out, labels=["tiny"], depths=[0.0, 0.5, 1.0], trials=3, progress=False,
-                      tensor_model_parallel_size=tp, context_parallel_size=cp)
-
-
-def test_needle_under_cp2_and_tp2_is_one_process(trained, tmp_path):
-    ckpt = str(trained / "ckpt")
-    one = mc.run_distributed(_needle, ckpt, str(tmp_path / "one"))[0]
-    assert os.path.exists(tmp_path / "one" / "needle.csv")
-    for layout in (dict(cp=2), dict(tp=2)):
-        out = str(tmp_path / "_".join(f"{k}{v}" for k, v in layout.items()))
-        ranks = mc.run_distributed(_needle, ckpt, out, layout.get("tp", 1), layout.get("cp", 1), **layout)
-        for rows in ranks:                                   # every rank: one process's greedy outputs
-            assert [r["predictions"] for r in rows] == [r["predictions"] for r in one]
-            assert [r["accuracy"] for r in rows] == [r["accuracy"] for r in one]
-        assert json.load(open(os.path.join(out, "needle.json"))) == json.loads(json.dumps(one))
+def test_needle_under_cp2_and_tp2_is_one_process(trained, layouts):
+    one = layouts[1, 1][0]["needle"]
+    for tp, cp in ((2, 1), (1, 2)):
+        for rank in layouts[tp, cp]:                             # every rank: one process's greedy outputs
+            assert [r["predictions"] for r in rank["needle"]] == [r["predictions"] for r in one]
+            assert [r["accuracy"] for r in rank["needle"]] == [r["accuracy"] for r in one]
+        written = json.load(open(trained / f"needle_tp{tp}_cp{cp}" / "needle.json"))    # by rank 0
+        assert written == json.loads(json.dumps(one))
 
 
 def test_parallel_flags_must_match_the_processes(trained, capsys, monkeypatch):
@@ -166,7 +168,7 @@ def _import_and_evaluate(hf_dir, ckpt, prefix, out, tokenizer_dir):
     import_to_checkpoint(hf_dir, ckpt)
     loss = evaluate_checkpoint(ckpt, read_documents(prefix, SEQ + 1), WIDTH, TRAIL, micro_batch_size=2)
     rows = needle.run([ckpt], [40], out, depths=[0.0, 0.5], trials=2, progress=False)
-    text = needle.run([ckpt], [60], out + "_text", depths=[0.5], trials=2, progress=False,   # --tokenizer-type ...
+    text = needle.run([ckpt], [60], out + "_text", depths=[0.5], trials=1, progress=False,   # --tokenizer-type ...
                       tokenizer=dict(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=tokenizer_dir))
     narrow = saved_args(ckpt)
     narrow.vocab_size = 2                             # eos_token_id 2 outside it: refused, naming the flags
