@@ -2,8 +2,10 @@
 """Scaling sweep: MoBA and full-attention training runs per model size, positional loss, one table, fits.
 
     python tools/scaling_sweep.py --preset cpu-tiny --out runs/sweeps/cpu-tiny     # end to end on CPU
+    python tools/scaling_sweep.py --preset cpu-long --out runs/sweeps/cpu-long \
+        --publish benchmarks/results/scaling_cpu_long                              # the README's headline
     python tools/scaling_sweep.py --preset cpu-small --out runs/sweeps/cpu-small \
-        --publish benchmarks/results/scaling_cpu_small                             # the README's figures
+        --publish benchmarks/results/scaling_cpu_small                             # the 2K-context study
     python tools/scaling_sweep.py examples/sweeps/gpu-small.yaml --print          # the commands only
     python tools/scaling_sweep.py my_sweep.yaml --slurm sweep.sbatch              # a Slurm array script
 
@@ -23,15 +25,20 @@ same command without --slurm to evaluate, tabulate and fit.
 The description (YAML or JSON; examples/sweeps/*.yaml):
   name, out                       sweep name, default output directory
   models: [{layers, hidden, heads, [name, query_groups, ffn_hidden, tokens | train_iters, lr]}]
-  variants: [moba, full]          seq_length, global_batch, micro_batch
+  variants: [moba, full, hybrid]  seq_length, global_batch, micro_batch (hybrid: the moba run continued with full
+                                  attention from hybrid.switch of its iterations, the MoBA paper's recipe)
   tokens | train_iters            per model (D = train_iters x global_batch x seq_length)
   tokens_per_param                or D = this ratio x N for every model (rounded up to whole iterations)
   lr, min_lr (lr/10), warmup_iters (iters/10), seed
   moba: {chunk, topk, full_attn_layers}
-  data: {stdlib_corpus: {max_bytes, vocab_size, eval_every, include_tests}}   the stdlib's sources, no download
+  data: {stdlib_corpus: {max_bytes, vocab_size, eval_every, include_tests, eval_min_bytes}}   the stdlib's
+        sources, no download; every eval_every-th file (of eval_min_bytes or more) held out for evaluation
       | {train: PREFIX, eval: PREFIX, tokenizer_type, tokenizer_model, vocab_size, split}
       | {mock: true, vocab_size, eval: PREFIX}
-  eval: {bucket_width, trailing_tokens, num_docs, micro_batch}
+  eval: {bucket_width, trailing_tokens, num_docs, micro_batch, min_tokens: documents shorter are not evaluated}
+  curve: {points: [fractions of the iterations]}   learning curves: checkpoints saved and evaluated there;
+        OUT/curves.csv, curve_fits.json, curves_BUCKET.png (x: 6ND, the job's FLOPs, training time), ratios.json
+  hybrid: {switch: fraction of the iterations with MoBA (0.9), models: [names; default all]}
   fit: {buckets: [names to fit; default all], ratio_at: PFLOP/s-days, panels: [buckets drawn; default the
         first and the trailing], extend_decades: projections past the largest run (1)}
   extra_args: [more pretraining flags, e.g. --bf16 --swiglu]
@@ -100,6 +107,9 @@ def main(argv=None) -> int:
         sweep.train_locally(runs, desc, sys.executable)
         from megatron_moba.training.compat import apply_patches
         apply_patches("torch")          # the evaluation, without CUDA: megatron-core's CPU shim
+        if desc["curve"]["points"]:
+            from megatron_moba.eval.sweep.curves import summarize_curves
+            summarize_curves(runs, desc, out)
         sweep.summarize(runs, desc, out)
         if args.publish:
             sweep.publish(runs, desc, out, args.publish)

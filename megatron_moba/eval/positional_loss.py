@@ -145,12 +145,14 @@ def document_losses(model, docs: list, seq_length: int, micro_batch_size: int = 
 def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, trailing_tokens: Optional[int] = None,
                         seq_length: Optional[int] = None, micro_batch_size: int = 1, label: Optional[str] = None,
                         tensor_model_parallel_size: int = 1, progress: bool = False,
-                        context_parallel_size: int = 1, tokenizer: Optional[dict] = None) -> dict:
+                        iteration: Optional[int] = None, context_parallel_size: int = 1,
+                        tokenizer: Optional[dict] = None) -> dict:
     """Positional and trailing loss of one checkpoint on ``docs`` (see the module docstring), on
     ``tensor_model_parallel_size`` x ``context_parallel_size`` processes (every rank returns the result).
-    ``tokenizer``: overrides of the saved tokenizer flags (``tokenizer_overrides``)."""
+    ``iteration``: a saved iteration other than the latest (a learning curve's points); ``tokenizer``:
+    overrides of the saved tokenizer flags (``tokenizer_overrides``)."""
     check_checkpoint(load_dir)
-    saved = saved_args(load_dir)
+    saved = saved_args(load_dir, iteration)
     vars(saved).update(tokenizer or {})
     s = seq_length or saved.seq_length
     buckets = make_buckets(s, bucket_width)
@@ -161,20 +163,21 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
     if longest < s + 1:
         raise ValueError(f"no document is long enough for sequence length {s}: that needs {s + 1} tokens, the longest "
                          f"has {longest} (lower --seq-length, or evaluate on --data-path with longer documents)")
-    vocab = eval_tokenizer(saved, load_dir).vocab_size
+    vocab = eval_tokenizer(saved, load_dir, iteration).vocab_size
     top = max(int(d.max()) for d in docs)
     if top >= vocab:
         raise ValueError(f"the documents hold token id {top}, outside the vocabulary of {load_dir} ({vocab}): "
                          "were they tokenized with the checkpoint's tokenizer?")
-    model, args, tokenizer = load_for_eval(load_dir, seq_length=s, context_parallel_size=context_parallel_size,
-                                           tensor_model_parallel_size=tensor_model_parallel_size, **(tokenizer or {}))
+    model, args, tokenizer = load_for_eval(load_dir, iteration, seq_length=s,
+                                           tensor_model_parallel_size=tensor_model_parallel_size,
+                                           context_parallel_size=context_parallel_size, **(tokenizer or {}))
     sums = BucketSums(buckets, s, trailing)
     for doc, losses in document_losses(model, docs, s, micro_batch_size, tokenizer.eod, progress):
         sums.add(losses, doc)
     rows = sums.rows()
     evaluated = sum(r["tokens"] for r in rows)
     result = dict(label=label or default_label(load_dir), checkpoint=load_dir, variant=args.attention,
-                  iteration=_iteration(load_dir), seq_length=s, bucket_width=bucket_width,
+                  iteration=iteration or _iteration(load_dir), seq_length=s, bucket_width=bucket_width,
                   moba_chunk_size=args.moba_chunk_size, moba_topk=args.moba_topk, documents=len(docs),
                   overall_loss=float(sum(sums.sums) / evaluated), overall_tokens=int(evaluated), buckets=rows,
                   trailing_tokens=trailing, trailing_documents=sums.trail_docs,

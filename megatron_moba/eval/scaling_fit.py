@@ -25,8 +25,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 REQUIRED = ("variant", "bucket", "compute_pflops_days", "loss")
-COLORS = {"moba": "tab:blue", "full": "tab:red"}
-NAMES = {"moba": "MoBA", "full": "Full Attention"}
+COLORS = {"moba": "tab:blue", "full": "tab:red", "hybrid": "tab:green"}
+NAMES = {"moba": "MoBA", "full": "Full Attention", "hybrid": "MoBA/Full Hybrid"}
 # two-sided 95% Student t quantiles, df = 1..30 (beyond: normal)
 _T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,

@@ -197,6 +197,8 @@ def build_parser(require_model_flags: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="checkpoint directory to resume or start from")
     g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--save-iterations", type=int, nargs="+", default=None, metavar="ITER",
+                   help="also save at these iterations (e.g. the points of a learning curve)")
     g.add_argument("--finetune", action="store_true",
                    help="load weights only: iteration, optimizer, scheduler and data position start afresh")
     g.add_argument("--no-load-optim", action="store_true")
@@ -304,6 +306,11 @@ def validate_args(args, world_size: int) -> None:
         raise ValueError("--finetune needs --load")
     if args.save_interval is not None and not args.save:
         raise ValueError("--save-interval needs --save")
+    if args.save_iterations is not None:
+        if not args.save:
+            raise ValueError("--save-iterations needs --save")
+        if min(args.save_iterations) < 1:
+            raise ValueError(f"--save-iterations must be iterations >= 1, got {args.save_iterations}")
     if args.attention == "moba" and args.attention_dropout:
         raise ValueError("--attention-dropout must be 0 with --attention moba (MoBA layers have no attention dropout)")
     _resolve_optimizer(args)

@@ -318,6 +318,31 @@ def _report_rope_changes(path: str, common: dict, args) -> None:
         print(f"note: RoPE differs from {path}'s:\n" + "\n".join(lines), flush=True)
 
 
+def attention_settings(a: dict) -> str:
+    """The attention a run trains with, as its flags ("--attention full", or MoBA's block settings)."""
+    if a.get("attention", "moba") != "moba":
+        return f"--attention {a.get('attention')}"
+    text = f"--attention moba --moba-chunk-size {a.get('moba_chunk_size')} --moba-topk {a.get('moba_topk')}"
+    if a.get("moba_full_attn_layer_list"):
+        return text + " --moba-full-attn-layer-list " + " ".join(map(str, a["moba_full_attn_layer_list"]))
+    return text + (f" --moba-full-attn-layers {a['moba_full_attn_layers']}" if a.get("moba_full_attn_layers") else "")
+
+
+def _report_attention_change(path: str, common: dict, args, finetune: bool) -> None:
+    """Print (rank 0) that this run continues ``path`` with other attention than it was trained with
+    (MoBA and full attention have the same weights: e.g. the MoBA/full hybrid's switch to full
+    attention for the last part of pretraining, or MoBA continued pretraining of a full-attention model)."""
+    saved = common.get("args") or {}
+    if not saved or args is None or dist.get_rank() != 0:
+        return
+    was, now = attention_settings(saved), attention_settings(vars(args))
+    if was != now:
+        keeps = ("its weights only (--finetune)" if finetune else
+                 "its weights, optimizer state, LR schedule, data position and random state")
+        print(f"note: attention changes: {path} was trained with {was}; this run continues it with {now}, "
+              f"keeping {keeps}", flush=True)
+
+
 # scheduler state -> (flag, value from the command line's args)
 _SCHEDULE_FLAGS = {
     "max_lr": ("--lr", lambda a: a.lr),
@@ -395,6 +420,7 @@ def load_checkpoint(root: str, model, optimizer=None, scheduler=None, finetune: 
         raise _load_error(root, path, e) from e
     check_model_flags(path, common, model)
     _report_rope_changes(path, common, args)
+    _report_attention_change(path, common, args, finetune)
     if carry is not None:
         carry.update({k: common[k] for k in CARRIED if common.get(k) is not None})
     if not finetune:

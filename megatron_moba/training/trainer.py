@@ -335,7 +335,7 @@ class Trainer:
             signalled, out_of_time = bool(flags[0]), bool(flags[1])
             stop = signalled or out_of_time or bool(a.exit_interval and self.iteration % a.exit_interval == 0)
             if a.save and (stop or (a.save_interval and self.iteration % a.save_interval == 0)
-                           or self.iteration == a.train_iters):
+                           or self.iteration in (a.save_iterations or ()) or self.iteration == a.train_iters):
                 self.save()
             if stop:
                 why = ((self.stop_signal or "a signal on another rank") if signalled

@@ -162,7 +162,13 @@ def test_slurm_script_one_task_per_run_skips_finished_runs(tmp_path, monkeypatch
     (dict(train_iters=None, tokens_per_param=1e-6), "tokens_per_param 1e-06 gives 1 iteration(s)"),
     (dict(fit=dict(panels="0-16")), "fit.panels must be a list of bucket names"),
     (dict(fit=dict(extend_decades=-1)), "fit.extend_decades must be a number >= 0, got -1"),
-    (dict(variants=["moba", "sparse"]), "variants must be a list of moba and/or full"),
+    (dict(variants=["moba", "sparse"]), "variants must be a list of moba, full and/or hybrid"),
+    (dict(variants=["full", "hybrid"]), "variants: hybrid (MoBA, then full attention from hybrid.switch on) continues"),
+    (dict(hybrid=dict(switch=1.0)), "hybrid.switch must be a fraction of the training tokens in (0, 1), got 1.0"),
+    (dict(hybrid=dict(models=["L9-H9"])),
+     "hybrid.models must be a list of model names (L1-H16, L2-H16), got ['L9-H9']"),
+    (dict(curve=dict(points=[0.5, 1.5])), "curve.points must be a list of fractions of the training in (0, 1]"),
+    (dict(eval=dict(bucket_width=16, min_tokens=0)), "eval.min_tokens must be a positive integer, got 0"),
     (dict(eval=dict(bucket_width=128)), "eval.bucket_width (128) is larger than seq_length (64)"),
     (dict(global_batch=3, micro_batch=2), "global_batch (3) must be a multiple of micro_batch (2)"),
     (dict(data=dict(train="/nonexistent/x", tokenizer_type="NullTokenizer", vocab_size=50)),
@@ -193,7 +199,7 @@ def test_missing_description_and_empty_table(tmp_path, capsys, monkeypatch):
 def test_help_from_any_directory(tmp_path):
     r = _sweep("--help", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "--preset {cpu-small,cpu-tiny,gpu-small}" in r.stdout and "slurm: {partition, account" in r.stdout
+    assert "--preset {cpu-long,cpu-small,cpu-tiny,gpu-small}" in r.stdout and "slurm: {partition, account" in r.stdout
 
 
 def test_tokens_per_param_sets_each_models_tokens(tmp_path):

@@ -33,9 +33,12 @@ def prepare_data(desc: dict, out: str, write_corpus: Optional[Callable] = None, 
     os.makedirs(os.path.dirname(corpus), exist_ok=True)
     n = write_corpus(corpus, cfg["max_bytes"], cfg["include_tests"])
     texts = [json.loads(line)["text"] for line in open(corpus)]
-    every = cfg["eval_every"]
-    train = [t for i, t in enumerate(texts) if i % every != every - 1]
-    held_out = [t for i, t in enumerate(texts) if i % every == every - 1]
+    every, floor = cfg["eval_every"], cfg.get("eval_min_bytes", 0)
+    # held out: every eval_every-th document (of those of eval_min_bytes or more: long-context evaluation)
+    candidates = [i for i, t in enumerate(texts) if len(t.encode()) >= floor]
+    held = set(candidates[every - 1::every])
+    train = [t for i, t in enumerate(texts) if i not in held]
+    held_out = [t for i, t in enumerate(texts) if i in held]
     if not held_out or not train:
         raise ValueError(f"data.stdlib_corpus: {n} documents, eval_every {every}: nothing left to "
                          f"{'evaluate' if train else 'train'} on")

@@ -87,28 +87,86 @@ def _job_tokens_per_s(metrics_file: str) -> Optional[float]:
     return sum(rates) / len(rates) if rates else None
 
 
+def start_hybrid(run: Run) -> bool:
+    """Give a hybrid run (``run.source`` continued with full attention) its starting point: a copy of
+    the moba run's checkpoint at ``run.switch_iteration`` (weights, optimizer, schedule, data position,
+    RNG), named by the hybrid's tracker.  False while that checkpoint does not exist yet; True when
+    the hybrid already has a checkpoint of its own (a resume) or was given one."""
+    import shutil
+
+    from megatron_moba.training.checkpointing import checkpoint_dir, saved_iterations
+    if os.path.isfile(run.latest):
+        return True
+    src = checkpoint_dir(run.source.checkpoint, run.switch_iteration)
+    if run.switch_iteration not in saved_iterations(run.source.checkpoint):
+        return False
+    dst = checkpoint_dir(run.checkpoint, run.switch_iteration)
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    with open(run.latest + ".tmp", "w") as f:
+        f.write(str(run.switch_iteration))
+    os.replace(run.latest + ".tmp", run.latest)
+    return True
+
+
+def _iteration_cost(run: Run) -> float:
+    """The job's FLOP count of one iteration of ``run`` (attention over the keys each query attends:
+    full attention's iterations cost more than MoBA's), to estimate the time left."""
+    from megatron_moba.training.arguments import config_from_args, parse_args
+    from megatron_moba.training.flops import flops_per_iteration
+    args = parse_args(run.argv)
+    return flops_per_iteration(args, config_from_args(args))
+
+
+def _iterations_left(run: Run) -> int:
+    from megatron_moba.training.checkpointing import read_latest
+    start = run.switch_iteration or 0
+    if os.path.isfile(run.latest):
+        try:
+            start = read_latest(run.checkpoint)
+        except ValueError:
+            pass
+    return max(0, run.train_iters - start)
+
+
+def _invocations_wall(run: Run) -> float:
+    """The wall time of every invocation of the job for ``run`` (one unless it was resumed)."""
+    import json
+    with open(os.path.join(run.directory, "invocations.jsonl")) as f:
+        return sum(json.loads(line)["wall_s"] for line in f)
+
+
 def train_locally(runs: List[Run], desc: dict, python: str, log=print) -> None:
     """Train every run that has no final checkpoint yet, one after another (output in RUN/train.log,
     wall time, tokens/s and provenance in RUN/run.json).  One line per run: run i of n, its
-    throughput, and the time left estimated from the FLOPs per second (6·N·D) of the runs so far."""
+    throughput, and the time left estimated from the job's FLOP count (attention included) per
+    second of the runs so far.  An interrupted run resumes from its last checkpoint; a hybrid run
+    starts from its moba run's checkpoint at the switch (``start_hybrid``)."""
     import json
     import subprocess
     import time
     done_flops = done_s = 0.0
+    cost = {r.name: _iteration_cost(r) for r in runs}
     for i, r in enumerate(runs, 1):
         if r.done():
             log(f"[{i}/{len(runs)}] {r.name}: final checkpoint exists, skipped")
             continue
         os.makedirs(r.directory, exist_ok=True)
+        if r.source is not None and not start_hybrid(r):
+            raise RuntimeError(f"run {r.name} continues {r.source.name} from iteration {r.switch_iteration}, "
+                               f"which {r.source.checkpoint} does not hold")
+        todo = _iterations_left(r)
         logfile = os.path.join(r.directory, "train.log")
-        log(f"[{i}/{len(runs)}] {r.name}: training {r.train_iters} iterations (N {r.params:,}, D {r.tokens:,}; "
-            f"log {logfile})")
+        log(f"[{i}/{len(runs)}] {r.name}: training {todo} of {r.train_iters} iterations (N {r.params:,}, "
+            f"D {r.tokens:,}; log {logfile})")
         t0 = time.time()
-        with open(logfile, "w") as f:
+        with open(logfile, "a") as f:
             path = os.path.dirname(python) + os.pathsep + os.environ.get("PATH", "")      # its torchrun too
             code = subprocess.call(launch_command(r, desc, python), stdout=f, stderr=subprocess.STDOUT,
                                    env=dict(os.environ, PATH=path, **desc["launch"]["env"]))
         wall = time.time() - t0
+        with open(os.path.join(r.directory, "invocations.jsonl"), "a") as f:    # a resumed run has several
+            f.write(json.dumps(dict(iterations=todo, wall_s=round(wall, 1), exit_code=code)) + "\n")
         tail = open(logfile).read().splitlines()
         if code != 0 or not r.done():
             raise RuntimeError(f"run {r.name} failed (exit code {code}); last lines of {logfile}:\n  " +
@@ -116,13 +174,14 @@ def train_locally(runs: List[Run], desc: dict, python: str, log=print) -> None:
         rate = _job_tokens_per_s(os.path.join(r.directory, "metrics.jsonl"))
         meta = dict(name=r.name, model=r.model, variant=r.variant, non_embedding_params=r.params,
                     train_tokens=r.tokens, train_iters=r.train_iters, compute_pflops_days=r.compute_pflops_days,
-                    wall_s=round(wall, 1), tokens_per_s_wall=round(r.tokens / wall, 1),
+                    wall_s=round(_invocations_wall(r), 1), last_invocation=dict(iterations=todo, wall_s=round(wall, 1)),
+                    tokens_per_s_wall=round(todo * r.tokens / r.train_iters / wall, 1),
                     tokens_per_s_job=round(rate, 1) if rate else None, argv=r.argv, env=desc["launch"]["env"],
                     finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **provenance())
         with open(os.path.join(r.directory, "run.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        done_flops, done_s = done_flops + 6.0 * r.params * r.tokens, done_s + wall
-        left = sum(6.0 * x.params * x.tokens for x in runs[i:] if not x.done()) * done_s / done_flops
+        done_flops, done_s = done_flops + cost[r.name] * todo, done_s + wall
+        left = sum(cost[x.name] * _iterations_left(x) for x in runs[i:] if not x.done()) * done_s / done_flops
         last = next((x for x in reversed(tail) if x.startswith("iteration")), "")
-        log(f"[{i}/{len(runs)}] {r.name}: done in {wall:.0f} s, {r.tokens / wall:,.0f} tokens/s "
+        log(f"[{i}/{len(runs)}] {r.name}: done in {wall:.0f} s, {todo * r.tokens / r.train_iters / wall:,.0f} tokens/s "
             f"(job: {rate or 0:,.0f}), estimated {left / 60:.1f} min left: {last[:60]}")

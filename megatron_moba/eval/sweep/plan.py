@@ -8,6 +8,11 @@ Layout under the sweep's output directory OUT::
     OUT/data/                   built data (``data.stdlib_corpus``) and the datasets' index cache
     OUT/runs/NAME/ckpt/         a run's checkpoints (NAME = MODEL-VARIANT, e.g. L2-H64-moba)
     OUT/runs/NAME/metrics.jsonl its training metrics
+
+With ``curve.points`` every run also saves at those fractions of its iterations (a learning curve).
+The ``hybrid`` variant (MoBA/full hybrid, the MoBA paper's pretraining recipe) is the moba run
+continued from its checkpoint at ``hybrid.switch`` of the iterations with full attention: the
+same weights, optimizer state, schedule and data position (``switch_iteration``, ``source``).
 """
 from __future__ import annotations
 
@@ -44,6 +49,9 @@ class Run:
     argv: List[str] = field(default_factory=list)
     params: int = 0                 # N, non-embedding
     tokens: int = 0                 # D
+    curve: List[int] = field(default_factory=list)     # the iterations of its learning curve (the last: train_iters)
+    switch_iteration: Optional[int] = None             # hybrid: full attention from this iteration on
+    source: Optional["Run"] = None                     # hybrid: the moba run it continues
 
     @property
     def checkpoint(self) -> str:
@@ -89,21 +97,22 @@ def plan_runs(desc: dict, out: str) -> List[Run]:
     data_flags += ["--tokenizer-type", data["tokenizer_type"]]
     data_flags += ["--tokenizer-model", data["tokenizer_model"]] if data["tokenizer_model"] else []
     data_flags += ["--vocab-size", str(data["vocab_size"])] if data["vocab_size"] else []
-    def flags(m: dict, variant: str, iters: int, directory: str) -> List[str]:
+    def flags(m: dict, variant: str, iters: int, directory: str, saves=()) -> List[str]:
         warmup = desc["warmup_iters"] if desc["warmup_iters"] is not None else min(max(1, iters // 10), iters - 1)
         model_flags = ["--num-layers", m["layers"], "--hidden-size", m["hidden"], "--num-attention-heads", m["heads"]]
         model_flags += ["--num-query-groups", m["query_groups"]] if m["query_groups"] else []
         model_flags += ["--ffn-hidden-size", m["ffn_hidden"]] if m["ffn_hidden"] else []
         ckpt = os.path.join(directory, "ckpt")
-        attention = ["--attention", variant] + (
+        attention = ["--attention", "full" if variant == "hybrid" else variant] + (
             ["--moba-chunk-size", moba["chunk"], "--moba-topk", moba["topk"],
              "--moba-full-attn-layers", moba["full_attn_layers"]] if variant == "moba" else [])
         return [str(a) for a in model_flags + attention + [
             "--seq-length", s, "--micro-batch-size", desc["micro_batch"], "--global-batch-size", gb,
             "--train-iters", iters, "--lr", m["lr"], "--min-lr", desc["min_lr"] if desc["min_lr"] is not None
             else m["lr"] / 10, "--lr-warmup-iters", warmup, "--seed", desc["seed"],
-            "--log-interval", min(max(1, iters // 10), iters - 1), "--save", ckpt, "--load", ckpt,
-            "--metrics-file", os.path.join(directory, "metrics.jsonl")] + data_flags] + desc["extra_args"]
+            "--log-interval", 1 if saves else min(max(1, iters // 10), iters - 1), "--save", ckpt, "--load", ckpt,
+            "--metrics-file", os.path.join(directory, "metrics.jsonl")] + data_flags] + (
+            ["--save-iterations"] + [str(i) for i in saves] if saves else []) + desc["extra_args"]
 
     def parsed(name: str, argv: List[str]):
         try:
@@ -126,10 +135,23 @@ def plan_runs(desc: dict, out: str) -> List[Run]:
             if iters < 2:
                 raise ValueError(f"models {m['name']}: tokens_per_param {desc['tokens_per_param']} gives "
                                  f"{iters} iteration(s); a run needs at least 2")
-        for variant in desc["variants"]:
+        points = desc["curve"]["points"] or [1.0]
+        curve = sorted({min(iters, max(1, round(f * iters))) for f in points})
+        hybrid = "hybrid" in desc["variants"] and m["name"] in (desc["hybrid"]["models"] or [m["name"]])
+        switch = min(iters - 1, max(1, round(desc["hybrid"]["switch"] * iters))) if hybrid else None
+        by_variant = {}
+        for variant in sorted(desc["variants"], key=("moba", "full", "hybrid").index):
+            if variant == "hybrid" and not hybrid:
+                continue
             name = f"{m['name']}-{variant}"
             directory = os.path.join(out, "runs", name)
-            argv = flags(m, variant, iters, directory)
+            own = [i for i in curve if i > switch] if variant == "hybrid" else curve
+            saves = sorted(set(own + ([switch] if variant == "moba" and hybrid else [])) - {iters})
+            argv = flags(m, variant, iters, directory, saves)
             params = params_of(m, parsed(name, argv))
-            runs.append(Run(name, m, variant, directory, iters, argv, params, iters * gb * s))
+            run = Run(name, m, variant, directory, iters, argv, params, iters * gb * s, curve)
+            if variant == "hybrid":
+                run.switch_iteration, run.source = switch, by_variant["moba"]
+            by_variant[variant] = run
+            runs.append(run)
     return runs

@@ -20,39 +20,61 @@ from megatron_moba.eval.sweep.plan import PFLOPS_DAY, Run, data_paths
 RESULT_FORMAT = 2        # RUN/positional_loss.json's layout (2: with per-document sums); older caches are redone
 
 
-def evaluate_runs(runs: List[Run], desc: dict, out: str, log=print) -> list:
-    """Positional loss of every run's final checkpoint (cached in RUN/positional_loss.json)."""
-    from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
-    e, eval_prefix = desc["eval"], data_paths(desc, os.path.abspath(out))["eval"]
-    settings = dict(data=eval_prefix, seq_length=desc["seq_length"], bucket_width=e["bucket_width"],
-                    trailing_tokens=e["trailing_tokens"], num_docs=e["num_docs"], format=RESULT_FORMAT)
-    docs, results = None, []
-    threads = desc["launch"]["env"].get("OMP_NUM_THREADS")
-    if threads:                                  # the runs' thread count applies to their evaluation too
-        import torch
-        torch.set_num_threads(int(threads))
-    for r in runs:
-        if not r.done():
-            raise ValueError(f"run {r.name} has no final checkpoint (iteration {r.train_iters}) in {r.checkpoint}")
-        path = os.path.join(r.directory, "positional_loss.json")
-        settings.update(iteration=r.train_iters, saved=os.path.getmtime(r.latest) if os.path.exists(r.latest) else None)
-        cached = {}
+class Evaluator:
+    """Positional loss of a run's checkpoint at one iteration, cached in a JSON file beside it and
+    recomputed only when the checkpoint or the evaluation settings change.  The held-out documents
+    are read once, at the first evaluation."""
+
+    def __init__(self, desc: dict, out: str, log=print):
+        e = desc["eval"]
+        self.desc, self.log, self.docs = desc, log, None
+        self.prefix = data_paths(desc, os.path.abspath(out))["eval"]
+        self.base = dict(data=self.prefix, seq_length=desc["seq_length"], bucket_width=e["bucket_width"],
+                         trailing_tokens=e["trailing_tokens"], num_docs=e["num_docs"], format=RESULT_FORMAT)
+        if e["min_tokens"] != 2:                 # (the default keeps the caches of earlier sweeps valid)
+            self.base["min_tokens"] = e["min_tokens"]
+        threads = desc["launch"]["env"].get("OMP_NUM_THREADS")
+        if threads:                              # the runs' thread count applies to their evaluation too
+            import torch
+            torch.set_num_threads(int(threads))
+
+    def __call__(self, run: Run, iteration: int, path: str) -> dict:
+        from megatron_moba.eval.positional_loss import evaluate_checkpoint, read_documents
+        from megatron_moba.training.checkpointing import checkpoint_dir
+        saved = checkpoint_dir(run.checkpoint, iteration)
+        if not os.path.isdir(saved):
+            raise ValueError(f"run {run.name} has no checkpoint of iteration {iteration} ({saved})")
+        final = iteration == run.train_iters
+        settings = dict(self.base, iteration=iteration, saved=os.path.getmtime(run.latest if final else saved))
         if os.path.isfile(path):
             with open(path) as f:
                 cached = json.load(f)
-        if cached.get("settings") == settings:
-            results.append(cached["result"])
-            continue
-        if docs is None:
-            docs = read_documents(eval_prefix, desc["seq_length"] + 1, e["num_docs"])
-        log(f"evaluating {r.name} on {len(docs)} documents of {eval_prefix}")
+            if cached.get("settings") == settings:
+                return cached["result"]
+        if self.docs is None:
+            e = self.desc["eval"]
+            self.docs = read_documents(self.prefix, self.desc["seq_length"] + 1, e["num_docs"], e["min_tokens"])
+        self.log(f"evaluating {run.name} at iteration {iteration} on {len(self.docs)} documents of {self.prefix}")
         t0 = time.time()
-        result = evaluate_checkpoint(r.checkpoint, docs, e["bucket_width"], e["trailing_tokens"],
-                                     micro_batch_size=e["micro_batch"], label=r.name)
+        e = self.desc["eval"]
+        result = evaluate_checkpoint(run.checkpoint, self.docs, e["bucket_width"], e["trailing_tokens"],
+                                     micro_batch_size=e["micro_batch"], label=run.name,
+                                     iteration=None if final else iteration)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as f:
             json.dump(dict(settings=settings, result=result, wall_s=round(time.time() - t0, 1), **provenance()),
                       f, indent=1)
-        results.append(result)
+        return result
+
+
+def evaluate_runs(runs: List[Run], desc: dict, out: str, log=print, evaluator=None) -> list:
+    """Positional loss of every run's final checkpoint (cached in RUN/positional_loss.json)."""
+    evaluate = evaluator or Evaluator(desc, out, log)
+    results = []
+    for r in runs:
+        if not r.done():
+            raise ValueError(f"run {r.name} has no final checkpoint (iteration {r.train_iters}) in {r.checkpoint}")
+        results.append(evaluate(r, r.train_iters, os.path.join(r.directory, "positional_loss.json")))
     return results
 
 
@@ -175,8 +197,22 @@ def summarize(runs: List[Run], desc: dict, out: str, log=print) -> List[str]:
     return [table, plot, pair] + paths + [path]
 
 
+CURVE_PUBLISHED = ["curves.csv", "curve_fits.json", "fits_vs_paper.md", "ratios.json", "context.json"]
 PUBLISHED = ("table.csv", "fits.json", "fits_job_flops.json", "comparison.json", "scaling.png", "scaling_job_flops.png",
              "positional.png", "positional_loss.png")
+
+
+def _eval_documents(desc: dict, out: str) -> dict:
+    """How many held-out documents there are, how many reach eval.min_tokens and how many are evaluated."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    e = desc["eval"]
+    dataset = IndexedDataset(data_paths(desc, os.path.abspath(out))["eval"])
+    lengths = np.array(dataset.sequence_lengths)          # a copy: the dataset's own array is a view of its mmap
+    long_enough = int((lengths >= e["min_tokens"]).sum())
+    return dict(held_out=int(len(lengths)), min_tokens=e["min_tokens"], reaching_min_tokens=long_enough,
+                evaluated=min(long_enough, e["num_docs"]), tokens_per_document=dict(
+                    min=int(lengths.min()), median=float(np.median(lengths)), max=int(lengths.max())))
 
 
 def publish(runs: List[Run], desc: dict, out: str, dest: str, log=print) -> str:
@@ -186,7 +222,10 @@ def publish(runs: List[Run], desc: dict, out: str, dest: str, log=print) -> str:
     times and tokens/s, the training and evaluation commits, versions and machine, and the wall time
     of the whole study.  Returns summary.json's path."""
     os.makedirs(os.path.join(dest, "metrics"), exist_ok=True)
-    for name in PUBLISHED:
+    names = list(PUBLISHED)
+    if desc["curve"]["points"]:                  # learning curves (sweep.curves.summarize_curves)
+        names += CURVE_PUBLISHED + sorted(f for f in os.listdir(out) if f.startswith("curves_") and f.endswith(".png"))
+    for name in names:
         shutil.copyfile(os.path.join(out, name), os.path.join(dest, name))
     data = None
     if os.path.isfile(data_info_path(desc, out)):
@@ -207,15 +246,24 @@ def publish(runs: List[Run], desc: dict, out: str, dest: str, log=print) -> str:
         per_run.append(meta)
     train_s = sum(m["wall_s"] for m in per_run)
     eval_s = sum(m["eval_wall_s"] or 0 for m in per_run)
+    curve_eval_s = 0.0
+    if desc["curve"]["points"]:        # the evaluations of the curves' other points (the final ones counted above)
+        for r in runs:
+            folder = os.path.join(r.directory, "curve")
+            for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+                with open(os.path.join(folder, name)) as f:
+                    curve_eval_s += json.load(f).get("wall_s") or 0.0
+        eval_s += curve_eval_s
     data_s = data["wall_s"] if data else 0.0
-    summary = dict(name=desc["name"], description=desc, data=data, runs=per_run,
+    summary = dict(name=desc["name"], description=desc, data=data, evaluation_documents=_eval_documents(desc, out),
+                   runs=per_run,
                    wall_s=dict(data=data_s, training=round(train_s, 1), evaluation=round(eval_s, 1),
                                total=round(data_s + train_s + eval_s, 1)),
                    published_by=provenance())
     path = os.path.join(dest, "summary.json")
     with open(path, "w") as f:
         json.dump(summary, f, indent=1, default=str)
-    log(f"published {len(PUBLISHED)} files, {len(runs)} metrics files and {path}: study wall time "
+    log(f"published {len(names)} files, {len(runs)} metrics files and {path}: study wall time "
         f"{summary['wall_s']['total'] / 60:.1f} min (data {data_s:.0f} s, training {train_s:.0f} s, "
         f"evaluation {eval_s:.0f} s)")
     return path

@@ -18,12 +18,15 @@ SCHEMA = {      # key -> (default, nested schema or None); REQUIRED marks keys w
     "min_lr": (None, None),    "warmup_iters": (None, None), "seed": (1234, None), "extra_args": ([], None),
     "moba": ({}, {"chunk": (512, None), "topk": (3, None), "full_attn_layers": (0, None)}),
     "data": ("REQUIRED", {"stdlib_corpus": (None, {"max_bytes": (4_000_000, None), "vocab_size": (2048, None),
-                                                   "eval_every": (10, None), "include_tests": (False, None)}),
+                                                   "eval_every": (10, None), "include_tests": (False, None),
+                                                   "eval_min_bytes": (0, None)}),
                           "train": (None, None), "eval": (None, None), "mock": (False, None),
                           "tokenizer_type": ("NullTokenizer", None), "tokenizer_model": (None, None),
                           "vocab_size": (None, None), "split": ("100,0,0", None)}),
     "eval": ({}, {"bucket_width": (2048, None), "trailing_tokens": (None, None), "num_docs": (64, None),
-                  "micro_batch": (1, None)}),
+                  "micro_batch": (1, None), "min_tokens": (2, None)}),
+    "curve": ({}, {"points": (None, None)}),
+    "hybrid": ({}, {"switch": (0.9, None), "models": (None, None)}),
     "fit": ({}, {"buckets": (None, None), "ratio_at": (None, None), "panels": (None, None),
                  "extend_decades": (1.0, None)}),
     "launch": ({}, {"nproc_per_node": (1, None), "env": ({}, None)}),
@@ -66,9 +69,13 @@ def validate(desc: dict) -> dict:
         raise ValueError(f"global_batch ({gb}) must be a multiple of micro_batch ({mb})")
     if not isinstance(d["models"], list) or not d["models"]:
         raise ValueError("models must be a non-empty list of {layers, hidden, heads}")
-    bad = sorted(set(d["variants"]) - {"moba", "full"}) if isinstance(d["variants"], list) else [d["variants"]]
+    bad = sorted(set(d["variants"]) - {"moba", "full", "hybrid"}) if isinstance(d["variants"], list) \
+        else [d["variants"]]
     if bad or not d["variants"]:
-        raise ValueError(f"variants must be a list of moba and/or full, got {d['variants']!r}")
+        raise ValueError(f"variants must be a list of moba, full and/or hybrid, got {d['variants']!r}")
+    if "hybrid" in d["variants"] and "moba" not in d["variants"]:
+        raise ValueError("variants: hybrid (MoBA, then full attention from hybrid.switch on) continues the moba "
+                         "run's checkpoint: list moba too")
     models, names = [], set()
     for i, m in enumerate(d["models"]):
         m = _fill(m, {k: ("REQUIRED" if k in ("layers", "hidden", "heads") else None, None) for k in MODEL_KEYS},
@@ -112,6 +119,7 @@ def validate(desc: dict) -> dict:
     e["trailing_tokens"] = _positive_int(e["trailing_tokens"] or e["bucket_width"], "eval.trailing_tokens")
     if e["trailing_tokens"] > s:
         raise ValueError(f"eval.trailing_tokens ({e['trailing_tokens']}) is larger than seq_length ({s})")
+    _check_curve_and_hybrid(d)
     if not isinstance(d["launch"]["env"], dict):
         raise ValueError("launch.env must be a mapping of environment variables")
     d["launch"]["env"] = {str(k): str(v) for k, v in d["launch"]["env"].items()}
@@ -132,6 +140,30 @@ def validate(desc: dict) -> dict:
     if at is not None and (isinstance(at, bool) or not isinstance(at, (int, float)) or at <= 0):
         raise ValueError(f"fit.ratio_at must be a positive number of PFLOP/s-days, got {at!r}")
     return d
+
+
+def _check_curve_and_hybrid(d: dict) -> None:
+    points = d["curve"]["points"]
+    if points is not None:
+        if not isinstance(points, list) or not points or any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x <= 1 for x in points):
+            raise ValueError(f"curve.points must be a list of fractions of the training in (0, 1], got {points!r}")
+        d["curve"]["points"] = sorted({float(x) for x in points} | {1.0})
+    h = d["hybrid"]
+    x = h["switch"]
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < 1:
+        raise ValueError(f"hybrid.switch must be a fraction of the training tokens in (0, 1), got {x!r}")
+    names = [m["name"] for m in d["models"]]
+    if h["models"] is not None:
+        if not isinstance(h["models"], list) or any(str(n) not in names for n in h["models"]):
+            raise ValueError(f"hybrid.models must be a list of model names ({', '.join(names)}), got {h['models']!r}")
+        h["models"] = [str(n) for n in h["models"]]
+    e = d["eval"]
+    _positive_int(e["min_tokens"], "eval.min_tokens")
+    c = d["data"]["stdlib_corpus"]
+    if c is not None and (isinstance(c["eval_min_bytes"], bool) or not isinstance(c["eval_min_bytes"], int)
+                          or c["eval_min_bytes"] < 0):
+        raise ValueError(f"data.stdlib_corpus.eval_min_bytes must be an integer >= 0, got {c['eval_min_bytes']!r}")
 
 
 def load_description(path: str) -> dict:
