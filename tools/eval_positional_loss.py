@@ -11,8 +11,10 @@ losses at positions a..b-1 of the documents that reach position a; the trailing 
 the last --trailing-tokens positions of the documents evaluated at the full length.  Writes
 OUT/positional_loss.json and OUT/positional_loss.csv (label, checkpoint, variant, bucket, start,
 end, loss, tokens, documents, ...); --plot draws loss against position for every checkpoint.
-Checkpoints saved at any TP/PP/CP load at TP=1, or at the TP of `torchrun --nproc-per-node N ...
---tensor-model-parallel-size N`.
+Checkpoints saved at any TP/PP/CP load at TP=1, or at the TP and CP of `torchrun --nproc-per-node
+TP*CP ... --tensor-model-parallel-size TP --context-parallel-size CP` (every rank evaluates every
+document, its share of the sequence under CP; the answers are one process's).  Memory is linear in
+the tokens: no [tokens, vocabulary] logits are held (megatron_moba/eval/stream.py).
 """
 from __future__ import annotations
 
@@ -39,7 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trailing-tokens", type=int, default=None, help="trailing loss over the last N positions "
                    "(default: --bucket-width)")
     p.add_argument("--micro-batch-size", type=int, default=1, help="documents per forward pass")
-    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP ranks (torchrun)")
+    p.add_argument("--context-parallel-size", type=int, default=1,
+                   help="CP ranks (torchrun)")
+    p.add_argument("--tokenizer-type", default=None, choices=["HuggingFaceTokenizer", "SentencePieceTokenizer"],
+                   help="instead of the checkpoint's tokenizer (a model imported from HF without one)")
+    p.add_argument("--tokenizer-model", default=None, help="the tokenizer's file or directory")
     p.add_argument("--out", default=None, help="directory for positional_loss.json and .csv")
     p.add_argument("--plot", default=None, help="PNG of loss against position")
     return p
@@ -50,11 +57,14 @@ def main(argv=None) -> int:
     from megatron_moba.training.compat import apply_patches
     apply_patches("torch")          # without CUDA: megatron-core's CPU shim
     from megatron_moba.eval import positional_loss
+    from megatron_moba.eval.checkpoint import tokenizer_overrides
     try:
         positional_loss.run(args.load, args.data_path, labels=args.labels, num_docs=args.num_docs,
                             seq_length=args.seq_length, bucket_width=args.bucket_width,
                             trailing_tokens=args.trailing_tokens, micro_batch_size=args.micro_batch_size,
-                            tensor_model_parallel_size=args.tensor_model_parallel_size, out=args.out, plot=args.plot)
+                            tensor_model_parallel_size=args.tensor_model_parallel_size, out=args.out, plot=args.plot,
+                            context_parallel_size=args.context_parallel_size,
+                            tokenizer=tokenizer_overrides(args.tokenizer_type, args.tokenizer_model))
     except (ValueError, FileNotFoundError) as e:      # a bad flag or input, named
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -23,8 +23,16 @@ pattern of ids >= 13 (every token a "sentence", so the depth is exact to the tok
 ``KEY d1..dn KEY_END``, question ``QUERY KEY``, answer ``d1..dn``: an induction/copy task (after
 ``QUERY KEY``, copy what followed the earlier ``KEY``).
 
-A trial is correct when greedy decoding (the full forward re-run per generated token) reproduces
-every answer token.
+RULER-style variants (``PromptBuilder(tokenizer, task, needles)``): "multikey" hides ``needles`` needles
+" The pass key of {name} is {key}. ..." of distinct names (words; integer prompts: ``KEY n1 n2 KEY_END
+d1..dn KEY_END``) and asks " What is the pass key of {name}? The pass key of {name} is" (``QUERY KEY n1
+n2 KEY_END``); "multivalue" hides ``needles`` keys of one name (" One of the pass keys of {name} is
+{key}.") and asks for all of them, in the order they appear (", "-separated; integer: ``KEY_END``).
+
+A trial is correct when greedy decoding reproduces every answer token.  Decoding never forms the
+[tokens, vocabulary] logits: the prompt and the expected answer run through the model once, and the
+greedy token after every prefix of the answer is read from that one forward (``greedy_decode``: a
+right answer costs one forward, a wrong one at most one more per token after its first error).
 """
 from __future__ import annotations
 
@@ -41,6 +49,15 @@ import torch
 FILLER = [" The grass is green.", " The sky is blue.", " The sun is yellow.", " Here we go.", " There and back again."]
 NEEDLE = " The pass key is {key}. Remember it. {key} is the pass key."
 QUESTION = " What is the pass key? The pass key is"
+# RULER-style variants (--task): several needles with named keys, one asked (multikey), or several values
+# of one key, all asked, in the order they appear (multivalue)
+NEEDLE_OF = " The pass key of {name} is {key}. Remember it. {key} is the pass key of {name}."
+QUESTION_OF = " What is the pass key of {name}? The pass key of {name} is"
+VALUE_OF = " One of the pass keys of {name} is {key}."
+VALUES_OF = " What are all the pass keys of {name}? The pass keys of {name} are"
+NAMES = ["apple", "bridge", "candle", "desert", "engine", "forest", "garden", "harbor", "island", "jacket", "kettle",
+         "lantern", "meadow", "orchard", "pepper", "river"]
+TASKS = ("passkey", "multikey", "multivalue")
 KEY, KEY_END, QUERY, FIRST_FILLER = 10, 11, 12, 13      # NullTokenizer ids (digits are 0-9)
 FILLER_IDS = 64                                          # length of the NullTokenizer filler pattern
 DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)                     # default needle depths (fractions of the filler)
@@ -56,21 +73,30 @@ class Prompt:
 
 
 class PromptBuilder:
-    """Builds passkey prompts for one tokenizer (see the module docstring)."""
+    """Builds passkey prompts for one tokenizer (see the module docstring); ``task`` "multikey" or
+    "multivalue" builds the RULER-style variants with ``needles`` needles (see ``build``)."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, task: str = "passkey", needles: int = 4):
+        self.check_task(task, needles)
+        self.task, self.needles = task, needles
         self.tokenizer = tokenizer
         self.integer = tokenizer.name == "NullTokenizer"
-        if self.integer:
-            usable = tokenizer.eod                      # ids 0 .. eod-1 are the vocabulary
-            if usable < FIRST_FILLER + 3:
-                raise ValueError(f"the NullTokenizer vocabulary ({usable}) is too small for the passkey "
-                                 f"prompt: it needs ids 0..{FIRST_FILLER + 2}")
-            span = list(range(FIRST_FILLER, usable))
+        if self.integer:            # filler: ids from FIRST_FILLER up, but the end-of-document id
+            span = [i for i in range(FIRST_FILLER, tokenizer.vocab_size) if i != tokenizer.eod]
+            if len(span) < 3:
+                raise ValueError(f"the NullTokenizer vocabulary ({tokenizer.vocab_size - 1}) is too small for the "
+                                 f"passkey prompt: it needs ids 0..{FIRST_FILLER + 2}")
             self.sentences = [[i] for i in random.Random(0).choices(span, k=min(FILLER_IDS, len(span) * 4))]
         else:
             self.sentences = [tokenizer.tokenize(sentence) for sentence in FILLER]
             self.question = tokenizer.tokenize(QUESTION)
+
+    @staticmethod
+    def check_task(task: str, needles: int) -> None:
+        if task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+        if task != "passkey" and not 2 <= needles <= len(NAMES):
+            raise ValueError(f"--needles must be between 2 and {len(NAMES)} for --task {task}, got {needles}")
 
     def pieces(self, passkey: str):
         """(needle, question, answer) token lists for one passkey."""
@@ -93,14 +119,86 @@ class PromptBuilder:
         return tokens[cut:], sorted({0} | {e - cut for e in ends if e >= cut})
 
     def build(self, length: int, depth: float, passkey: str) -> Prompt:
-        needle, question, answer = self.pieces(passkey)
-        room = length - len(needle) - len(question) - len(answer)        # filler tokens
+        """The prompt of ``length`` tokens (answer included) for one trial.  "passkey": one needle at
+        ``depth``.  "multikey": ``needles`` needles of distinct names, the asked one (value ``passkey``)
+        at ``depth``, the others (other values) at random sentence boundaries.  "multivalue": ``needles``
+        needles of one name, the first (value ``passkey``) at ``depth``, the others at random boundaries;
+        the answer is every value, in the order they appear.  The names, other values and places are
+        drawn from ``passkey`` (the same in every cell)."""
+        if self.task == "passkey":
+            needle, question, answer = self.pieces(passkey)
+            needles, places = [needle], []
+        else:
+            needles, question, values, places, asked = self._variant(passkey)
+            answer = self._answer(values, range(len(values)), asked)      # multivalue: reordered below
+        fixed = sum(map(len, needles)) + len(question) + len(answer)
+        room = length - fixed                                            # filler tokens
         if room < 0:
-            raise ValueError(f"--lengths {length} is too short: the needle, question and answer alone take "
-                             f"{length - room} tokens")
+            raise ValueError(f"--lengths {length} is too short: the needle{'s' if len(needles) > 1 else ''}, "
+                             f"question and answer alone take {fixed} tokens")
         haystack, bounds = self.haystack(room)
-        at = min(bounds, key=lambda b: (abs(b - depth * room), b))
-        return Prompt(haystack[:at] + needle + haystack[at:] + question, answer, passkey, at, len(needle))
+        at = [min(bounds, key=lambda b: (abs(b - depth * room), b))]
+        at += [bounds[min(int(p * len(bounds)), len(bounds) - 1)] for p in places]   # the other needles
+        order = sorted(range(len(needles)), key=lambda i: (at[i], i))
+        tokens, start, prev = [], 0, 0
+        for i in order:
+            tokens += haystack[prev:at[i]]
+            start = len(tokens) if i == 0 else start
+            tokens += needles[i]
+            prev = at[i]
+        tokens += haystack[prev:] + question
+        if self.task == "multivalue":      # the values in the order they appear (text: may tokenize longer or shorter)
+            answer = self._answer(values, order, asked)
+            extra = len(tokens) + len(answer) - length
+            if extra < 0:
+                tokens, start = self.haystack(-extra)[0] + tokens, start - extra
+            elif extra > 0 and min(at) >= extra:
+                tokens, start = tokens[extra:], start - extra
+            elif extra > 0:                                              # no filler before the first needle
+                cut = len(tokens) - len(question)
+                tokens = tokens[:cut - extra] + tokens[cut:]
+        return Prompt(tokens, answer, passkey, start, len(needles[0]))
+
+    def _variant(self, passkey: str):
+        """(needle token lists, question, values, places in [0, 1) of the needles after the first, the
+        question as text) of a multikey or multivalue trial."""
+        rng = random.Random(f"{self.task}:{passkey}")
+        low, high = 10 ** (len(passkey) - 1), 10 ** len(passkey) - 1
+        values = [passkey]
+        while len(values) < self.needles:
+            v = str(rng.randint(low, high))
+            if v not in values:
+                values.append(v)
+        places = [rng.random() for _ in values[1:]]
+        if self.integer:
+            names = [[int(c) for c in f"{n:02d}"] for n in rng.sample(range(100), self.needles)]
+            if self.task == "multivalue":
+                names = [names[0]] * self.needles
+            needles = [[KEY, *name, KEY_END, *map(int, v), KEY_END] for name, v in zip(names, values)]
+            return needles, [QUERY, KEY, *names[0], KEY_END], values, places, None
+        tok = self.tokenizer.tokenize
+        names = rng.sample(NAMES, self.needles)
+        if self.task == "multikey":
+            needles = [tok(NEEDLE_OF.format(name=n, key=v)) for n, v in zip(names, values)]
+            asked = QUESTION_OF.format(name=names[0])
+        else:
+            needles = [tok(VALUE_OF.format(name=names[0], key=v)) for v in values]
+            asked = VALUES_OF.format(name=names[0])
+        return needles, tok(asked), values, places, asked
+
+    def _answer(self, values: List[str], order, asked: Optional[str]) -> List[int]:
+        """The answer tokens: the asked value (multikey), or the values in ``order`` (multivalue); integer
+        prompts separate values by KEY_END, text by ", " (tokenized after the question, as text would be)."""
+        values = [values[0]] if self.task == "multikey" else [values[i] for i in order]
+        if self.integer:
+            out = []
+            for v in values:
+                out += [*map(int, v), KEY_END]
+            return out[:-1]
+        tok = self.tokenizer.tokenize
+        text = " " + ", ".join(values)
+        whole, question = tok(asked + text), tok(asked)
+        return whole[len(question):] if whole[:len(question)] == question else tok(text)
 
 
 def make_passkeys(trials: int, digits: int = 5, seed: int = 0) -> List[str]:
@@ -109,30 +207,63 @@ def make_passkeys(trials: int, digits: int = 5, seed: int = 0) -> List[str]:
     return [str(rng.randint(10 ** (digits - 1), 10 ** digits - 1)) for _ in range(trials)]
 
 
-def model_logits_fn(model, vocab_size: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A GPT from load_for_eval as a function tokens [b, n] -> logits [b, n, vocab_size] (padding rows cut)."""
-    device = next(model.parameters()).device
+def model_logits_fn(model, vocab_size: int) -> Callable[..., torch.Tensor]:
+    """A GPT from load_for_eval as a function tokens [b, n] -> logits [b, n, vocab_size] of every position
+    (padding rows cut), or with ``last=k`` of the last k positions only ([b, k, vocab_size]; no
+    [n, vocab] logits are formed: megatron_moba.eval.stream.logits_at).  Under tensor or context
+    parallelism every rank of the model calls it with the same tokens and gets the whole answer."""
+    from megatron_moba.eval.stream import logits_at
 
-    @torch.no_grad()
-    def logits(tokens: torch.Tensor) -> torch.Tensor:
-        tokens = tokens.to(device)                                                  # [b, n]
-        position_ids = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
-        return model(tokens, position_ids, attention_mask=None)[..., :vocab_size].float()   # [b, n, V]
+    def logits(tokens: torch.Tensor, last: Optional[int] = None) -> torch.Tensor:
+        n = tokens.shape[1]
+        return logits_at(model, tokens, range(n - (n if last is None else last), n), vocab_size)
+    logits.last_positions = True
     return logits
 
 
-def greedy_decode(logits_fn, tokens: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy continuation: tokens [b, n] -> generated [b, steps], re-running the full forward per token."""
-    seq = tokens
-    for _ in range(steps):
-        nxt = logits_fn(seq)[:, -1].argmax(-1)                                      # [b]
-        seq = torch.cat([seq, nxt[:, None].to(seq)], dim=1)
-    return seq[:, tokens.shape[1]:]
+def greedy_decode(logits_fn, tokens: torch.Tensor, steps: int, guess: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Greedy continuation: tokens [b, n] -> generated [b, steps].
+
+    A ``logits_fn`` that takes ``last`` (``model_logits_fn``) is run on the prompt followed by a guess
+    of the continuation (``guess`` [b, >= steps - 1], e.g. the expected answer; else token 0): one
+    causal forward gives the greedy token after every guessed prefix, so the guess is accepted up to
+    its first token that differs from the greedy one, which is corrected, and the rows not yet complete
+    are run again.  The result is exactly greedy decoding; a right guess takes one forward, a wrong one
+    at most one more per token after its first error.  Any other ``logits_fn`` (tokens [b, n] ->
+    logits [b, n', V] of the last n' positions) is re-run on the whole sequence per token."""
+    if steps == 0:
+        return tokens[:, :0]
+    if not getattr(logits_fn, "last_positions", False):
+        seq = tokens
+        for _ in range(steps):
+            nxt = logits_fn(seq)[:, -1].argmax(-1)                                  # [b]
+            seq = torch.cat([seq, nxt[:, None].to(seq)], dim=1)
+        return seq[:, tokens.shape[1]:]
+    b = tokens.shape[0]
+    fed = torch.zeros(b, steps, dtype=tokens.dtype)              # the continuation (its last token is never fed)
+    if guess is not None:
+        fed[:, :steps - 1] = torch.as_tensor(guess)[:, :steps - 1]
+    done = torch.zeros(b, dtype=torch.long)                     # leading tokens of ``fed`` known greedy, per row
+    while bool((done < steps).any()):
+        rows = torch.nonzero(done < steps).squeeze(1)
+        seq = torch.cat([tokens[rows], fed[rows, :steps - 1]], dim=1)             # [r, n + steps - 1]
+        best = logits_fn(seq, last=steps).argmax(-1).to(fed)      # [r, steps]: the greedy token after each prefix
+        for j, row in enumerate(rows.tolist()):
+            k = int(done[row])
+            while True:                                         # best[j, k] is greedy: fed[row, :k] is
+                agree = k < steps - 1 and bool(fed[row, k] == best[j, k])
+                fed[row, k] = best[j, k]
+                k += 1
+                if k == steps or not agree:
+                    break
+            fed[row, k:] = best[j, k:]                          # after a wrong guess: guesses again
+            done[row] = k
+    return fed
 
 
 def score(logits_fn, prompts: Sequence[Prompt], batch_size: int = 8) -> List[List[int]]:
     """Greedy continuations of the prompts, as many tokens as each answer (prompts of equal
-    prompt and answer lengths are decoded together)."""
+    prompt and answer lengths are decoded together; the answers are the guesses of ``greedy_decode``)."""
     out: List[Optional[List[int]]] = [None] * len(prompts)
     groups: Dict[tuple, List[int]] = {}
     for i, p in enumerate(prompts):
@@ -141,7 +272,8 @@ def score(logits_fn, prompts: Sequence[Prompt], batch_size: int = 8) -> List[Lis
         for b0 in range(0, len(idx), batch_size):
             chunk = idx[b0:b0 + batch_size]
             tokens = torch.tensor([prompts[i].tokens for i in chunk], dtype=torch.long)     # [b, n]
-            generated = greedy_decode(logits_fn, tokens, steps).tolist()                # [b, steps]
+            guess = torch.tensor([prompts[i].answer for i in chunk], dtype=torch.long)      # [b, steps]
+            generated = greedy_decode(logits_fn, tokens, steps, guess).tolist()         # [b, steps]
             for i, g in zip(chunk, generated):
                 out[i] = g
     return out
@@ -198,7 +330,9 @@ def format_table(rows: List[dict]) -> str:
         mine = [r for r in rows if r["label"] == label]
         lengths, depths = sorted({r["length"] for r in mine}), sorted({r["depth"] for r in mine})
         acc = {(r["length"], r["depth"]): r["accuracy"] for r in mine}
-        lines.append(f"{label} ({mine[0]['variant']}), accuracy over {mine[0]['trials']} trials")
+        task = mine[0].get("task", "passkey")
+        task = "" if task == "passkey" else f", {task} with {mine[0]['needles']} needles"
+        lines.append(f"{label} ({mine[0]['variant']}{task}), accuracy over {mine[0]['trials']} trials")
         lines.append("depth \\ length " + "".join(f"{n:>8}" for n in lengths))
         lines += [f"{d:>14.2f} " + "".join(f"{acc[(n, d)]:>8.2f}" for n in lengths) for d in depths]
     return "\n".join(lines)
@@ -262,36 +396,55 @@ def check_flags(loads: Sequence[str], lengths: Sequence[int], labels: Optional[S
 
 def run(loads: Sequence[str], lengths: Sequence[int], out: str, labels: Optional[Sequence[str]] = None,
         depths: Sequence[float] = DEPTHS, trials: int = 10, digits: int = 5, seed: int = 0, batch_size: int = 8,
-        iteration: Optional[int] = None, progress: bool = True) -> List[dict]:
+        iteration: Optional[int] = None, progress: bool = True, tensor_model_parallel_size: int = 1,
+        context_parallel_size: int = 1, tokenizer: Optional[dict] = None, task: str = "passkey",
+        needles: int = 4) -> List[dict]:
     """What tools/eval_needle.py does: ``check_flags``, then per checkpoint load it, run every (length, depth)
     cell and write OUT/needle_<label>.png; print the accuracy table and write OUT/needle.csv and .json.
-    Returns the rows.  A bad flag or a tokenizer that cannot build the prompt: ValueError (the message
-    names the flag, or the checkpoint's label).  Without CUDA the caller applies the CPU shim first
-    (megatron_moba.training.compat.apply_patches)."""
-    from megatron_moba.eval.checkpoint import load_for_eval
+    Returns the rows.  Under torchrun, ``tensor_model_parallel_size`` x ``context_parallel_size``
+    processes share each model; every rank returns the rows, rank 0 prints and writes them.  ``tokenizer``:
+    overrides of the saved tokenizer flags (checkpoint.tokenizer_overrides).  ``task``, ``needles``: the
+    RULER-style variants (``PromptBuilder.build``).  A bad flag or a tokenizer that cannot build the
+    prompt: ValueError (the message names the flag, or the checkpoint's label).  Without CUDA the caller
+    applies the CPU shim first (megatron_moba.training.compat.apply_patches)."""
+    import torch.distributed as dist
+
+    from megatron_moba.eval.checkpoint import check_parallel_sizes, load_for_eval
+    check_parallel_sizes(tensor_model_parallel_size, context_parallel_size)
+    PromptBuilder.check_task(task, needles)
+    overrides = dict(tokenizer or {})
     saved = check_flags(loads, lengths, labels, depths, trials, digits, batch_size, iteration)
     labels = labels or [os.path.basename(os.path.normpath(p)) for p in loads]
     passkeys = make_passkeys(trials, digits, seed)
     rows = []
-    os.makedirs(out, exist_ok=True)
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    if first:
+        os.makedirs(out, exist_ok=True)
     for load, label, flags in zip(loads, labels, saved):
         seq_length = check_lengths(flags, lengths)     # None: the trained length suffices
-        model, margs, tokenizer = load_for_eval(load, iteration, seq_length=seq_length)
-        builder = PromptBuilder(tokenizer)
+        model, margs, tokenizer = load_for_eval(load, iteration, seq_length=seq_length,
+                                                tensor_model_parallel_size=tensor_model_parallel_size,
+                                                context_parallel_size=context_parallel_size, **overrides)
+        first = dist.get_rank() == 0
+        builder = PromptBuilder(tokenizer, task, needles)
         try:
             for key in passkeys:
                 builder.build(min(lengths), 0.0, key)
         except ValueError as e:
             raise ValueError(f"{label}: {e}") from None
         mine = evaluate(model_logits_fn(model, tokenizer.vocab_size), builder, lengths, sorted(depths), passkeys,
-                        batch_size, progress=progress)
-        info = dict(label=label, variant=margs.attention, load=load, moba_chunk_size=margs.moba_chunk_size,
+                        batch_size, progress=progress and first)
+        info = dict(label=label, variant=margs.attention, task=task, needles=1 if task == "passkey" else needles,
+                    load=load, moba_chunk_size=margs.moba_chunk_size,
                     moba_topk=margs.moba_topk, trained_seq_length=flags.seq_length)
         mine = [dict(info, **r) for r in mine]
         rows += mine
-        png = plot_heatmap(mine, os.path.join(out, f"needle_{safe_name(label)}.png"))
-        print(f"wrote {png}")
+        if first:
+            png = plot_heatmap(mine, os.path.join(out, f"needle_{safe_name(label)}.png"))
+            print(f"wrote {png}")
         del model
+    if not first:
+        return rows
     print(format_table(rows))
     for path in write_table(rows, out):
         print(f"wrote {path}")

@@ -26,7 +26,8 @@ from typing import List, Optional
 import numpy as np
 import torch
 
-from megatron_moba.eval.checkpoint import load_for_eval, saved_args, token_losses
+from megatron_moba.eval.checkpoint import check_parallel_sizes, eval_tokenizer, load_for_eval, saved_args
+from megatron_moba.eval.stream import streamed_token_losses
 
 CSV_FIELDS = ("label", "checkpoint", "variant", "iteration", "seq_length", "kind", "bucket", "start", "end",
               "loss", "tokens", "documents")
@@ -122,7 +123,9 @@ def document_losses(model, docs: list, seq_length: int, micro_batch_size: int = 
                     progress: bool = False):
     """Yield (document index, losses [n] float32 numpy) for every document, longest first.  Documents
     of a micro-batch are padded at the end; causal attention (MoBA's too: a query only gates blocks
-    before its own) keeps the padding out of the real positions."""
+    before its own) keeps the padding out of the real positions.  The losses come from
+    megatron_moba.eval.stream (no [tokens, vocab] logits; under context parallelism every rank of the
+    group gets every document's losses)."""
     order = sorted(range(len(docs)), key=lambda i: -len(docs[i]))
     steps = range(0, len(order), micro_batch_size)
     if progress:
@@ -134,7 +137,7 @@ def document_losses(model, docs: list, seq_length: int, micro_batch_size: int = 
         tokens = torch.full((len(seqs), len(seqs[0])), pad_id, dtype=torch.long)   # [b, s+1]
         for j, s in enumerate(seqs):
             tokens[j, :len(s)] = torch.from_numpy(s)
-        losses = token_losses(model, tokens).cpu().numpy()                            # [b, s]
+        losses = streamed_token_losses(model, tokens).cpu().numpy()                   # [b, s]
         for j, i in enumerate(idx):
             yield i, losses[j, :len(seqs[j]) - 1]
 
@@ -142,12 +145,15 @@ def document_losses(model, docs: list, seq_length: int, micro_batch_size: int = 
 def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, trailing_tokens: Optional[int] = None,
                         seq_length: Optional[int] = None, micro_batch_size: int = 1, label: Optional[str] = None,
                         tensor_model_parallel_size: int = 1, progress: bool = False,
-                        iteration: Optional[int] = None) -> dict:
-    """Positional and trailing loss of one checkpoint on ``docs`` (see the module docstring);
-    ``iteration``: a saved iteration other than the latest (a learning curve's points)."""
-    from megatron_moba.training.tokenizer import build_tokenizer
+                        iteration: Optional[int] = None, context_parallel_size: int = 1,
+                        tokenizer: Optional[dict] = None) -> dict:
+    """Positional and trailing loss of one checkpoint on ``docs`` (see the module docstring), on
+    ``tensor_model_parallel_size`` x ``context_parallel_size`` processes (every rank returns the result).
+    ``iteration``: a saved iteration other than the latest (a learning curve's points); ``tokenizer``:
+    overrides of the saved tokenizer flags (``tokenizer_overrides``)."""
     check_checkpoint(load_dir)
     saved = saved_args(load_dir, iteration)
+    vars(saved).update(tokenizer or {})
     s = seq_length or saved.seq_length
     buckets = make_buckets(s, bucket_width)
     trailing = bucket_width if trailing_tokens is None else trailing_tokens
@@ -157,13 +163,14 @@ def evaluate_checkpoint(load_dir: str, docs: list, bucket_width: int = 2048, tra
     if longest < s + 1:
         raise ValueError(f"no document is long enough for sequence length {s}: that needs {s + 1} tokens, the longest "
                          f"has {longest} (lower --seq-length, or evaluate on --data-path with longer documents)")
-    vocab = build_tokenizer(saved.tokenizer_type, saved.tokenizer_model, saved.vocab_size).vocab_size
+    vocab = eval_tokenizer(saved, load_dir, iteration).vocab_size
     top = max(int(d.max()) for d in docs)
     if top >= vocab:
         raise ValueError(f"the documents hold token id {top}, outside the vocabulary of {load_dir} ({vocab}): "
                          "were they tokenized with the checkpoint's tokenizer?")
     model, args, tokenizer = load_for_eval(load_dir, iteration, seq_length=s,
-                                           tensor_model_parallel_size=tensor_model_parallel_size)
+                                           tensor_model_parallel_size=tensor_model_parallel_size,
+                                           context_parallel_size=context_parallel_size, **(tokenizer or {}))
     sums = BucketSums(buckets, s, trailing)
     for doc, losses in document_losses(model, docs, s, micro_batch_size, tokenizer.eod, progress):
         sums.add(losses, doc)
@@ -251,7 +258,8 @@ def plot_results(results: list, path: str) -> str:
 def run(loads: List[str], data_path: str, labels: Optional[List[str]] = None, num_docs: Optional[int] = None,
         seq_length: Optional[int] = None, bucket_width: int = 2048, trailing_tokens: Optional[int] = None,
         micro_batch_size: int = 1, tensor_model_parallel_size: int = 1, out: Optional[str] = None,
-        plot: Optional[str] = None, progress: bool = True) -> list:
+        plot: Optional[str] = None, progress: bool = True, context_parallel_size: int = 1,
+        tokenizer: Optional[dict] = None) -> list:
     """What tools/eval_positional_loss.py does: check the flags and checkpoints, read the documents,
     evaluate every checkpoint, then (rank 0 only) print each one's buckets, write OUT/positional_loss
     .json/.csv (``out``) and the plot (``plot``).  Returns the results.  A bad flag or input: ValueError
@@ -262,16 +270,19 @@ def run(loads: List[str], data_path: str, labels: Optional[List[str]] = None, nu
         raise ValueError(f"--labels names {len(labels)} checkpoints, --load gives {len(loads)}")
     if num_docs is not None and num_docs < 1:
         raise ValueError("--num-docs must be >= 1")
+    check_parallel_sizes(tensor_model_parallel_size, context_parallel_size)
     lengths = []
     for d in loads:
         check_checkpoint(d)
         lengths.append(seq_length or saved_args(d).seq_length)
         make_buckets(lengths[-1], bucket_width)          # a too-wide bucket fails before any loading
     docs = read_documents(data_path, max(lengths) + 1, num_docs)
-    results = [evaluate_checkpoint(d, docs, bucket_width, trailing_tokens, seq_length, micro_batch_size, label,
-                                   tensor_model_parallel_size, progress=progress)
-               for d, label in zip(loads, labels)]
     import torch.distributed as dist
+    first = not dist.is_initialized() or dist.get_rank() == 0
+    results = [evaluate_checkpoint(d, docs, bucket_width, trailing_tokens, seq_length, micro_batch_size, label,
+                                   tensor_model_parallel_size, progress=progress and first,
+                                   context_parallel_size=context_parallel_size, tokenizer=tokenizer)
+               for d, label in zip(loads, labels)]
     if dist.is_initialized() and dist.get_rank() != 0:
         return results
     for r in results:

@@ -5,6 +5,7 @@ import csv
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from argparse import Namespace
@@ -207,3 +208,54 @@ def test_end_to_end_on_tiny_checkpoints(tmp_path):
     cell = next(r for r in detail if r["label"] == "tiny moba" and r["length"] == 96 and r["depth"] == 0.5)
     assert cell["predictions"] == by_hand
 
+
+
+@pytest.mark.parametrize("task", ["multikey", "multivalue"])
+@pytest.mark.parametrize("kind", ["null", "sentencepiece", "hf"])
+def test_ruler_variants_hide_every_needle_and_ask_the_right_one(tokenizers, kind, task):
+    """multikey: 4 needles of distinct names, the asked one (the trial's passkey) at the depth, its value the
+    answer; multivalue: 4 values of one name, all of them the answer in the order they appear."""
+    tok = tokenizers[kind]
+    builder = needle.PromptBuilder(tok, task, needles=4)
+    for length in (400, 1000):
+        for depth in DEPTHS:
+            for key in ("48213", "90517"):
+                p = builder.build(length, depth, key)
+                assert len(p.tokens) + len(p.answer) == length and p.passkey == key
+                if kind == "null":
+                    starts = [i for i, t in enumerate(p.tokens) if t == needle.KEY][:-1]      # the last: question
+                    assert len(starts) == 4 and p.tokens[-5:-3] == [needle.QUERY, needle.KEY]
+                    found = [(tuple(p.tokens[i + 1:i + 3]), p.tokens[i + 4:i + 9]) for i in starts]
+                    assert all(p.tokens[i + 3] == p.tokens[i + 9] == needle.KEY_END for i in starts)
+                    asked = tuple(p.tokens[-3:-1])
+                    assert p.tokens[p.needle_start + 4:p.needle_start + 9] == [int(c) for c in key]
+                    values = [v for name, v in found if name == asked]
+                    if task == "multikey":
+                        assert len({name for name, _ in found}) == 4 and values == [[int(c) for c in key]]
+                        assert p.answer == values[0]
+                    else:
+                        assert len(values) == 4 and [int(c) for c in key] in values
+                        assert p.answer == [t for v in values for t in v + [needle.KEY_END]][:-1]
+                    filler = len(p.tokens) - 4 * 10 - 5                                # needles of 10 ids
+                    before = sum(i < p.needle_start for i in starts)
+                    assert abs(p.needle_start - 10 * before - depth * filler) <= 0.5     # exact depth
+                else:
+                    text = tok.detokenize(p.tokens)
+                    shown = tok.detokenize(p.tokens[p.needle_start:p.needle_start + p.needle_len])
+                    if task == "multikey":
+                        name = re.search(r"What is the pass key of (\w+)\? The pass key of \1 is$", text.rstrip())[1]
+                        assert f"The pass key of {name} is {key}. Remember it." in text
+                        assert len(set(re.findall(r"The pass key of (\w+) is \d+\. Remember", text))) == 4
+                        assert f"of {name} is {key}" in shown and tok.detokenize(p.answer).strip() == key
+                    else:
+                        name = re.search(r"What are all the pass keys of (\w+)\? The pass keys of \1 are$",
+                                         text.rstrip())[1]
+                        values = re.findall(f"One of the pass keys of {name} is (\\d+)\\.", text)
+                        assert len(values) == 4 and key in values and f"is {key}." in shown
+                        assert tok.detokenize(p.answer).strip() == ", ".join(values)
+    keys = needle.make_passkeys(4, 5, seed=2)
+    prompts = [builder.build(n, d, k) for n in (400, 600) for d in (0.0, 1.0) for k in keys]
+    rows = needle.evaluate(_oracle(prompts, tok.vocab_size), builder, [400, 600], [0.0, 1.0], keys, batch_size=3)
+    assert [r["accuracy"] for r in rows] == [1.0] * 4
+    with pytest.raises(ValueError, match="--needles must be between 2 and 16 for --task multikey, got 1"):
+        needle.PromptBuilder(tok, "multikey", needles=1)
