@@ -21,7 +21,7 @@ FAST_TESTS := tests/kernels/test_reference.py tests/kernels/test_torch_backend.p
 # (test_triton_backend.py's megatron GPT under context parallelism spawns 2 processes: full tier only)
 FAST_DESELECT := not under_context_parallel
 
-.PHONY: help install demo demo-op test test-fast test-mcore-latest test-mcore-018 test-mcore-017 scaling-cpu bench lint \
+.PHONY: help install demo demo-op test test-fast test-mcore-latest test-mcore-latest-all test-mcore-018 test-mcore-017 scaling-cpu bench lint \
     docker clean
 
 help:  ## this list
@@ -47,17 +47,25 @@ test: $(STAMP)  ## run the test suite (fails if no test runs)
 test-fast: $(STAMP)  ## quick tier: kernels, gate, one-process megatron layers, argument checks (~3 min)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS) -m 'not slow' -k '$(FAST_DESELECT)' $(FAST_TESTS)
 
-# make test-mcore-latest: the tests that run megatron-core (models, schedules, DDP/optimizer,
-# dist_checkpointing, datasets, and HybridModel: test_hybrid_*.py, which skip on 0.16.1) against the newest
-# supported release, 0.19.x, in .venv-mcore-latest
+# make test-mcore-latest: the tests that run megatron-core's own code paths (models at TP/SP/CP/PP, schedules,
+# DDP/optimizer, dist_checkpointing, datasets, HF import/export, the job's logging, and HybridModel:
+# test_hybrid_*.py, which skip on 0.16.1) against the newest supported release, 0.19.x, in .venv-mcore-latest
 # (built/reused by .ci/mcore_latest_venv.sh: the cp312 wheel's Python code, helpers_cpp rebuilt for 3.11).
+# MCORE_TOOL_TESTS (the evaluation tools, the other HF families, the data checks) reach megatron-core only
+# through those same paths; they run against 0.16.1 in `make test`, and against 0.19.x with
+# `make test-mcore-latest-all` (not in CI: about 10 more minutes).
 MCORE_TESTS := tests/training/test_compat.py tests/core/test_megatron_gpt.py tests/training/test_megatron_optimizer.py tests/training/test_training.py \
-    tests/hf/test_hf_convert.py tests/hf/test_hf_families.py tests/eval/test_positional_loss.py tests/eval/test_needle.py tests/eval/test_block_selection.py \
-    tests/training/test_preprocess.py tests/training/test_data_checks.py tests/training/test_checkpoint_safety.py tests/training/test_job_ux.py \
+    tests/hf/test_hf_convert.py tests/training/test_preprocess.py tests/training/test_checkpoint_safety.py tests/training/test_job_ux.py \
     tests/core/test_hybrid_model.py tests/training/test_hybrid_job.py
+MCORE_TOOL_TESTS := tests/hf/test_hf_families.py tests/eval/test_positional_loss.py tests/eval/test_needle.py \
+    tests/eval/test_block_selection.py tests/training/test_data_checks.py
 test-mcore-latest:  ## the megatron tests against megatron-core 0.19.x (own venv: .venv-mcore-latest)
 	PYTHON=$(PYTHON) bash .ci/mcore_latest_venv.sh
 	.venv-mcore-latest/bin/python -m pytest -q $(PYTEST_ARGS) $(MCORE_TESTS)
+
+test-mcore-latest-all:  ## test-mcore-latest plus the evaluation-tool, HF-family and data-check tests (0.19.x)
+	PYTHON=$(PYTHON) bash .ci/mcore_latest_venv.sh
+	.venv-mcore-latest/bin/python -m pytest -q $(PYTEST_ARGS) $(MCORE_TESTS) $(MCORE_TOOL_TESTS)
 
 # make test-mcore-018 / test-mcore-017: a subset of MCORE_TESTS against the newest 0.18 and 0.17 releases, each in
 # its own venv built like .venv-mcore-latest: the CPU shims; GPT at TP x CP, PP, TP + SP and packed THD under CP;

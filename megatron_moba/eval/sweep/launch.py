@@ -165,8 +165,9 @@ def train_locally(runs: List[Run], desc: dict, python: str, log=print) -> None:
             code = subprocess.call(launch_command(r, desc, python), stdout=f, stderr=subprocess.STDOUT,
                                    env=dict(os.environ, PATH=path, **desc["launch"]["env"]))
         wall = time.time() - t0
+        trained = todo - _iterations_left(r)        # fewer than planned when the job was stopped (SIGTERM)
         with open(os.path.join(r.directory, "invocations.jsonl"), "a") as f:    # a resumed run has several
-            f.write(json.dumps(dict(iterations=todo, wall_s=round(wall, 1), exit_code=code)) + "\n")
+            f.write(json.dumps(dict(iterations=trained, planned=todo, wall_s=round(wall, 1), exit_code=code)) + "\n")
         tail = open(logfile).read().splitlines()
         if code != 0 or not r.done():
             raise RuntimeError(f"run {r.name} failed (exit code {code}); last lines of {logfile}:\n  " +
