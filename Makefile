@@ -21,7 +21,7 @@ FAST_TESTS := tests/kernels/test_reference.py tests/kernels/test_torch_backend.p
 # (test_triton_backend.py's megatron GPT under context parallelism spawns 2 processes: full tier only)
 FAST_DESELECT := not under_context_parallel
 
-.PHONY: help install demo demo-op test test-fast test-mcore-latest test-mcore-latest-all test-mcore-018 test-mcore-017 scaling-cpu bench lint \
+.PHONY: help install demo demo-op test test-fast test-mcore-latest test-mcore-latest-all test-mcore-018 test-mcore-017 scaling-cpu-long scaling-cpu bench lint \
     docker clean
 
 help:  ## this list
@@ -96,6 +96,10 @@ test-mcore-018:  ## a subset of the megatron tests against megatron-core 0.18.2 
 
 test-mcore-017:  ## the same subset against megatron-core 0.17.1 (own venv: .venv-mcore-017)
 	$(call mcore_subset,$(MCORE_017),.venv-mcore-017)
+
+scaling-cpu-long: $(STAMP)  ## the README's headline study: positional loss at 16K, learning curves (about 4.5 h on 2 cores; resumes)
+	$(BIN)/python tools/scaling_sweep.py --preset cpu-long --out runs/sweeps/cpu-long \
+	    --publish benchmarks/results/scaling_cpu_long
 
 scaling-cpu: $(STAMP)  ## the README's CPU scaling study, then its long-context run (about 1.5 h on 2 cores; resumes)
 	$(BIN)/python tools/scaling_sweep.py --preset cpu-small --out runs/sweeps/cpu-small \
