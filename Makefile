@@ -59,7 +59,7 @@ MCORE_TESTS := tests/training/test_compat.py tests/core/test_megatron_gpt.py tes
     tests/core/test_hybrid_model.py tests/training/test_hybrid_job.py
 MCORE_TOOL_TESTS := tests/hf/test_hf_families.py tests/eval/test_positional_loss.py tests/eval/test_needle.py \
     tests/eval/test_block_selection.py tests/training/test_data_checks.py
-test-mcore-latest:  ## the megatron tests against megatron-core 0.19.x (own venv: .venv-mcore-latest)
+test-mcore-latest:  ## the tests of megatron-core's code paths against megatron-core 0.19.x (own venv: .venv-mcore-latest)
 	PYTHON=$(PYTHON) bash .ci/mcore_latest_venv.sh
 	.venv-mcore-latest/bin/python -m pytest -q $(PYTEST_ARGS) $(MCORE_TESTS)
 
